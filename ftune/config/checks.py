@@ -1,0 +1,158 @@
+"""Every rule a composed config must satisfy, in one place, checked before anything is loaded.
+
+`derive` fills values that follow from other choices (qlora -> 4-bit base). `validate` returns
+every problem as "key: what is wrong (got X); the fix", so users fix them all in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ftune import resources
+from ftune.config.schema import FtuneConfig, FreezeConfig, LoraConfig
+from ftune.data.formats import FORMATS
+from ftune.registry import did_you_mean
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATION = ("none", "4bit", "8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+TRAIN_ON = ("assistant", "last", "all")
+# Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
+STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",)}
+
+
+def template_names() -> list[str]:
+    return sorted(["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))])
+
+
+def derive(cfg: FtuneConfig) -> None:
+    """Settings implied by other settings, applied once after composition."""
+    if cfg.method.name == "qlora" and cfg.model.quantization == "none":
+        cfg.model.quantization = "4bit"
+    if cfg.dataset.template is None:
+        cfg.dataset.template = cfg.model.template
+    if cfg.stage.name == "pt":
+        cfg.dataset.train_on = "all"
+
+
+def _choice(problems: list[str], key: str, value: object, valid: tuple | list) -> None:
+    if value not in valid:
+        hint = did_you_mean(str(value), [str(v) for v in valid])
+        problems.append(f"{key} must be one of {', '.join(map(str, valid))} (got {value!r}).{hint}")
+
+
+def _positive(problems: list[str], key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        problems.append(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+def _check_model(cfg: FtuneConfig, problems: list[str]) -> None:
+    m = cfg.model
+    _choice(problems, "model.dtype", m.dtype, DTYPES)
+    _choice(problems, "model.attn_implementation", m.attn_implementation, ATTENTION)
+    _choice(problems, "model.quantization", m.quantization, QUANTIZATION)
+    _choice(problems, "model.bnb_4bit_quant_type", m.bnb_4bit_quant_type, ("nf4", "fp4"))
+    local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf")
+    if local and not m.path.startswith("package:") and not Path(os.path.expanduser(m.path)).exists():
+        problems.append(f"model.path: {m.path} does not exist; give a hub id, a local folder or a .gguf file")
+
+
+def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
+    method = cfg.method
+    if isinstance(method, LoraConfig):
+        _positive(problems, "method.r", method.r)
+        _positive(problems, "method.alpha", method.alpha)
+        if not 0 <= method.dropout < 1:
+            problems.append(f"method.dropout must be in [0, 1) (got {method.dropout})")
+        if not method.target_modules:
+            problems.append("method.target_modules is empty; name modules (q_proj, v_proj) or use [all-linear]")
+        _choice(problems, "method.bias", method.bias, ("none", "all", "lora_only"))
+        if method.name == "qlora" and cfg.model.quantization != "4bit":
+            problems.append(f"method=qlora needs model.quantization=4bit (got {cfg.model.quantization}); "
+                            "use method=lora for an unquantised or 8-bit base")
+    if isinstance(method, FreezeConfig):
+        _positive(problems, "method.trainable_layers", method.trainable_layers, allow_zero=True)
+        if method.trainable_layers == 0 and not method.trainable_modules:
+            problems.append("method=freeze trains nothing: set method.trainable_layers > 0 or method.trainable_modules")
+
+
+def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
+    d = cfg.dataset
+    if not d.sources:
+        problems.append("dataset.sources is empty; add at least one {path, format}")
+    for i, src in enumerate(d.sources):
+        key = f"dataset.sources[{i}]"
+        _choice(problems, f"{key}.format", src.format, sorted(FORMATS))
+        if src.weight <= 0:
+            problems.append(f"{key}.weight must be > 0 (got {src.weight})")
+        path = resources.resolve_path(src.path)
+        looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
+        if looks_local and not Path(path).exists():
+            problems.append(f"{key}.path: file {path} does not exist")
+        if cfg.stage.name == "sft" and src.format == "text":
+            problems.append(f"{key}.format=text has no prompt/answer turns; use stage=pt for raw text, "
+                            "or an instruction format (alpaca, qa, messages, sharegpt) for sft")
+    _choice(problems, "dataset.template", d.template, template_names())
+    _choice(problems, "dataset.train_on", d.train_on, TRAIN_ON)
+    if d.max_seq_len < 16:
+        problems.append(f"dataset.max_seq_len must be >= 16 (got {d.max_seq_len})")
+    if not 0 <= d.eval_fraction < 1:
+        problems.append(f"dataset.eval_fraction must be in [0, 1) (got {d.eval_fraction})")
+    if d.eval_path and not Path(resources.resolve_path(d.eval_path)).exists():
+        problems.append(f"dataset.eval_path: file {d.eval_path} does not exist")
+    if d.max_rows is not None and d.max_rows <= 0:
+        problems.append(f"dataset.max_rows must be > 0 or null (got {d.max_rows})")
+
+
+def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
+    _choice(problems, "stage.name", cfg.stage.name, sorted(STAGE_OBJECTIVES))
+    _choice(problems, "stage.objective", cfg.stage.objective, STAGE_OBJECTIVES.get(cfg.stage.name, ("causal_lm",)))
+    hw = cfg.hardware
+    _choice(problems, "hardware.device", hw.device, ("auto", "cpu", "cuda"))
+    _choice(problems, "hardware.precision", hw.precision, PRECISIONS)
+    _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
+    if hw.num_processes != 1 or hw.num_nodes != 1 or hw.strategy != "none":
+        problems.append("hardware: multi-process training (num_processes/num_nodes > 1, strategy) is not in this "
+                        "release; use hardware=cpu or hardware=single-gpu")
+    if hw.device == "cpu" and hw.precision == "fp16":
+        problems.append("hardware.precision=fp16 is not supported on CPU; use bf16 or fp32")
+    # bitsandbytes' 4-bit layers run on CPU (measured: QLoRA trains there); its paged/8-bit
+    # optimisers are CUDA-only.
+    if hw.device == "cpu" and cfg.train.optim != "adamw":
+        problems.append(f"train.optim={cfg.train.optim} needs bitsandbytes on CUDA; use train.optim=adamw on CPU")
+
+
+def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:
+    t = cfg.train
+    _positive(problems, "train.lr", t.lr)
+    _positive(problems, "train.micro_batch_size", t.micro_batch_size)
+    _positive(problems, "train.grad_accum", t.grad_accum)
+    _positive(problems, "train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive(problems, "train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _positive(problems, "train.save_total_limit", t.save_total_limit)
+    _choice(problems, "train.optim", t.optim, OPTIMIZERS)
+    _choice(problems, "train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"train.max_steps must be > 0, or -1 to use train.epochs (got {t.max_steps})")
+    if t.max_steps == -1 and t.epochs <= 0:
+        problems.append(f"train.epochs must be > 0 (got {t.epochs})")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    for key in ("warmup_steps", "eval_every", "save_every", "sample_max_new_tokens"):
+        _positive(problems, f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive(problems, "train.log_every", t.log_every)
+    if t.resume.lower() == "true" and not t.run_name:
+        problems.append("train.resume=true needs train.run_name (the run to continue), or give resume=<run or "
+                        "checkpoint path>")
+
+
+def validate(cfg: FtuneConfig) -> list[str]:
+    """All problems of a composed config, in key order; an empty list means valid."""
+    problems: list[str] = []
+    for check in (_check_model, _check_method, _check_dataset, _check_stage_hardware, _check_train):
+        check(cfg, problems)
+    return problems

@@ -1,0 +1,138 @@
+"""Build one validated FtuneConfig from a recipe name and Hydra overrides.
+
+Hydra's compose API does the merging (never @hydra.main): configs/ is the primary config dir and
+the folder holding recipes/ is added to the search path, so `recipe=NAME` becomes the Hydra
+override `+recipes=NAME` (the "experiment" pattern: a `# @package _global_` file whose defaults
+list overrides group choices). Overrides typed by the user are applied after the recipe and win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ftune import resources
+from ftune.config.checks import derive, validate
+from ftune.config.schema import SCHEMAS, FtuneConfig
+from ftune.errors import FtuneError
+from ftune.registry import unknown_name_error
+
+DEFAULT_RECIPE = "smollm2-lora-sft"
+GROUPS = ("model", "method", "dataset", "stage", "hardware")
+
+
+def _store_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="ftune_schema", node=FtuneConfig)
+    for group, choices in SCHEMAS.items():
+        for name, node in choices.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+_store_schemas()
+
+
+def group_choices(group: str) -> list[str]:
+    """The YAML files of one config group, by name."""
+    return sorted(p.stem for p in (resources.configs_dir() / group).glob("*.yaml"))
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in resources.recipes_dir().glob("*.yaml"))
+
+
+def recipe_description(name: str) -> str:
+    data = yaml.safe_load((resources.recipes_dir() / f"{name}.yaml").read_text()) or {}
+    return str(data.get("description", ""))
+
+
+@dataclass
+class Composed:
+    """The validated config and the overrides that produced it (kept for resume messages)."""
+
+    cfg: FtuneConfig
+    overrides: list[str]
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+
+
+def split_overrides(overrides: list[str]) -> tuple[str, list[str]]:
+    """Pull `recipe=NAME` out of the overrides and map the `resume=PATH` shorthand."""
+    recipe, rest = DEFAULT_RECIPE, []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FtuneError(f"'{item}' is not an override", hint="Overrides look like key=value, e.g. train.lr=1e-4.")
+        if key == "recipe":
+            recipe = value
+        elif key == "resume":
+            rest.append(f"train.resume={value}")
+        else:
+            rest.append(item)
+    return recipe, rest
+
+
+def _check_names(recipe: str, overrides: list[str]) -> None:
+    """Unknown recipe or group choices: list the valid names before Hydra sees them."""
+    if recipe not in recipe_names():
+        raise unknown_name_error("recipe", recipe, recipe_names(), key="recipe")
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key in GROUPS and value not in group_choices(key):
+            raise unknown_name_error(key, value, group_choices(key), key=key)
+
+
+def _hydra_error(exc: Exception) -> FtuneError:
+    """Hydra/OmegaConf composition errors as one short message naming the key."""
+    lines = [str(exc).strip()]
+    cause = exc.__cause__
+    while cause is not None:
+        text = str(cause).strip().splitlines()
+        lines += [line for line in text if line.strip() and not line.strip().startswith(("full_key", "object_type"))][:3]
+        cause = cause.__cause__
+    title = lines[0].splitlines()[0]
+    rest = [line for line in "\n".join(lines[1:]).splitlines() if line.strip()]
+    return FtuneError(f"config error: {title}", rest[:6],
+                      "Check the key's spelling with `ftune config show`; new keys are not allowed.")
+
+
+def compose(overrides: list[str] | None = None) -> Composed:
+    """Compose, derive and validate. Raises FtuneError listing every problem found."""
+    recipe, rest = split_overrides(list(overrides or []))
+    _check_names(recipe, rest)
+    root = resources.data_root()
+    hydra_overrides = [f"hydra.searchpath=[file://{root}]", f"+recipes={recipe}", *rest]
+    try:
+        with initialize_config_dir(config_dir=str(resources.configs_dir()), version_base=None):
+            raw = hydra_compose(config_name="config", overrides=hydra_overrides)
+        cfg = OmegaConf.to_object(raw)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _hydra_error(exc) from None
+    assert isinstance(cfg, FtuneConfig)
+    cfg.recipe = recipe
+    derive(cfg)
+    problems = validate(cfg)
+    if problems:
+        raise FtuneError(f"the config of recipe '{recipe}' has {len(problems)} problem(s):", problems,
+                         "Fix them in the YAML or override on the command line, e.g. method.r=16.")
+    return Composed(cfg, [f"recipe={recipe}", *rest])
+
+
+def load_saved(path: Path) -> FtuneConfig:
+    """Read a run directory's config.yaml back into a typed config (no recipe lookup)."""
+    schema = OmegaConf.structured(FtuneConfig)
+    data = OmegaConf.load(path)
+    method_schema = SCHEMAS["method"].get(str(data.method.name))
+    if method_schema is None:
+        raise unknown_name_error("method", str(data.method.name), SCHEMAS["method"], key=f"{path}: method.name")
+    schema.method = OmegaConf.structured(method_schema)
+    return OmegaConf.to_object(OmegaConf.merge(schema, data))

@@ -1,0 +1,269 @@
+"""The typed schema of a composed ftune config: one dataclass per group choice.
+
+Every setting has its default here and a docstring under it. The dataclasses are stored in Hydra's
+ConfigStore under `schema/<group>/<name>` (ftune/config/compose.py), and each YAML file in
+configs/ names its schema in its defaults list, so a misspelt key is refused at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
+    name: str = MISSING
+    """Short name, used in run directory names (e.g. smollm2-135m)."""
+    path: str = MISSING
+    """Hub id (meta-llama/Llama-2-7b-hf), a local Hugging Face folder, a .gguf file, or
+    `package:<module>/<file>` for a model shipped inside a Python package."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) when `path` is a hub id."""
+    dtype: str = "auto"
+    """Weight dtype: auto | float32 | bfloat16 | float16. auto: the precision of the hardware
+    profile for a frozen base (LoRA family), float32 master weights for full/freeze training."""
+    attn_implementation: str = "auto"
+    """auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on CUDA when flash-attn is
+    installed, else sdpa."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off: only code in transformers runs."""
+    quantization: str = "none"
+    """none | 4bit | 8bit: load the frozen base through bitsandbytes. method=qlora sets 4bit."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: nf4 (QLoRA's NormalFloat) or fp4."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantise the quantisation constants too (QLoRA's double quantisation, ~0.4 bit/param)."""
+    template: str = "model"
+    """Prompt template used when the dataset does not name one: a data_templates/ name, or
+    `model` for the tokenizer's own chat template."""
+
+
+# ----------------------------------------------------------------------------- methods
+@dataclass
+class MethodConfig:
+    """What is trained. The subclasses below are the method group's choices."""
+
+    name: str = MISSING
+    """The method's registry name (full, freeze, lora, qlora)."""
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Every parameter is trained."""
+
+    name: str = "full"
+
+
+@dataclass
+class FreezeConfig(MethodConfig):
+    """Only the last decoder layers and/or named modules are trained; the rest is frozen."""
+
+    name: str = "freeze"
+    trainable_layers: int = 2
+    """How many of the last decoder layers to train (0: none)."""
+    trainable_modules: list[str] = field(default_factory=list)
+    """Extra parameter-name fragments to train, e.g. [lm_head, model.norm]."""
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """Low-rank adapters (LoRA, Hu et al. 2021) through peft, with DoRA and rsLoRA switches."""
+
+    name: str = "lora"
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (q_proj, v_proj, …) or [all-linear] for every linear layer but the head."""
+    use_dora: bool = False
+    """DoRA: decompose into magnitude and direction (Liu et al. 2024)."""
+    use_rslora: bool = False
+    """rsLoRA: scale by alpha/sqrt(r), stable at high ranks (Kalajdzievski 2023)."""
+    bias: str = "none"
+    """none | all | lora_only: which biases are trained with the adapter."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved beside the adapter (e.g. [lm_head, embed_tokens])."""
+
+
+@dataclass
+class QLoraConfig(LoraConfig):
+    """LoRA on a 4-bit NF4 base (Dettmers et al. 2023). Sets model.quantization=4bit."""
+
+    name: str = "qlora"
+
+
+# ----------------------------------------------------------------------------- dataset
+@dataclass
+class SourceConfig:
+    """One source of rows inside a dataset."""
+
+    path: str = MISSING
+    """A local .json/.jsonl/.csv/.parquet file, `ftune:<file>` for data shipped with ftune, or a
+    Hugging Face dataset name (read from the local cache; offline, nothing is downloaded)."""
+    format: str = "alpaca"
+    """text | alpaca | qa | messages | sharegpt: how a row becomes a canonical record."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Canonical field -> column in this source, e.g. {instruction: prompt, output: completion}."""
+    split: str = "train"
+    """Split to read for Hugging Face datasets."""
+    subset: Optional[str] = None
+    """Configuration name for Hugging Face datasets that have several."""
+    weight: float = 1.0
+    """Mixing weight: rows used = weight x rows in the source (0.5 takes a seeded half, 2 repeats
+    every row twice)."""
+    system: Optional[str] = None
+    """System prompt for rows that carry none."""
+
+
+@dataclass
+class DatasetConfig:
+    """Rows, how they are rendered into tokens, and the held-out split."""
+
+    name: str = MISSING
+    """Short name, used in run directory names."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """One or more sources, mixed by weight."""
+    template: Optional[str] = None
+    """Prompt template (data_templates/ name or `model`); unset: model.template."""
+    max_seq_len: int = 512
+    """Tokens per sample (or per packed row); longer samples are truncated with a counted warning."""
+    packing: bool = False
+    """Pack several samples into each row of max_seq_len tokens, without attention across samples."""
+    train_on: str = "assistant"
+    """assistant: loss on assistant tokens only | last: only the last assistant turn | all: every
+    token. Stage pt always trains on all tokens."""
+    eval_fraction: float = 0.1
+    """Fraction of rows held out for evaluation (seeded), when eval_path is unset."""
+    eval_max_rows: int = 200
+    """At most this many held-out rows (keeps evaluation quick)."""
+    eval_path: Optional[str] = None
+    """A separate held-out file in the first source's format; replaces eval_fraction."""
+    max_rows: Optional[int] = None
+    """Use at most this many training rows after mixing (quick runs)."""
+    sample_prompt: Optional[str] = None
+    """Prompt answered after training to show the model; unset: the first held-out prompt."""
+
+
+# ----------------------------------------------------------------------------- stage
+@dataclass
+class StageConfig:
+    """The training objective. This release ships pt and sft (both causal_lm)."""
+
+    name: str = MISSING
+    """pt (continue-pretraining on raw text) | sft (supervised fine-tuning on prompts/answers)."""
+    objective: str = "causal_lm"
+    """Registry name of the loss (causal_lm: token-level cross-entropy on the labelled tokens)."""
+
+
+# ----------------------------------------------------------------------------- hardware
+@dataclass
+class HardwareConfig:
+    """Where the run executes and in which precision."""
+
+    name: str = MISSING
+    """Profile name (cpu, single-gpu, …)."""
+    device: str = "auto"
+    """auto | cpu | cuda. auto: cuda when available, else cpu."""
+    precision: str = "bf16"
+    """bf16 | fp16 | fp32: autocast precision of the forward/backward (fp16 adds loss scaling)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default, all cores)."""
+    num_processes: int = 1
+    """Processes per node (1 here; multi-process profiles arrive with the scale-out release)."""
+    num_nodes: int = 1
+    """Machines taking part (multi-node profiles arrive with the scale-out release)."""
+    strategy: str = "none"
+    """none | ddp | fsdp | deepspeed: how several processes share the work."""
+
+
+# ----------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """The loop: steps, batches, optimiser, schedule, evaluation, checkpoints."""
+
+    seed: int = 42
+    """Seeds torch, Python and the data order; the same seed gives the same run on CPU."""
+    epochs: float = 1.0
+    """Passes over the training rows (fractions allowed) when max_steps is -1."""
+    max_steps: int = -1
+    """Optimiser steps to run; -1: derive from epochs."""
+    micro_batch_size: int = 4
+    """Samples (or packed rows) per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step. Loss is normalised by the tokens of the whole step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (never applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    optim: str = "adamw"
+    """adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (bitsandbytes, CUDA)."""
+    lr_scheduler: str = "cosine"
+    """cosine | linear | constant (each after warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps; 0 with warmup_ratio > 0 derives it."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps (used when warmup_steps is 0)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0: only before and after training)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: none during training)."""
+    save_total_limit: int = 2
+    """Keep the last K checkpoints."""
+    resume: str = "false"
+    """false | true (the last checkpoint of run_dir) | a checkpoint or run directory path."""
+    output_dir: str = "outputs"
+    """Parent folder of run directories."""
+    run_name: Optional[str] = None
+    """Run directory name; unset: <recipe>-<date>-<time>. Needed to resume with resume=true."""
+    sample_max_new_tokens: int = 48
+    """Tokens generated for the sample answer after training (0: no sample)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run>/tb."""
+
+
+# ----------------------------------------------------------------------------- top
+@dataclass
+class FtuneConfig:
+    """A composed run: recipe = model x method x dataset x hardware x stage, plus train knobs."""
+
+    recipe: str = "custom"
+    """The recipe this config came from (set by ftune)."""
+    description: str = ""
+    """One line shown by `ftune recipes`."""
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    dataset: DatasetConfig = MISSING
+    stage: StageConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Group -> {choice schema name -> dataclass}; compose.py stores these as schema/<group>/<name>.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"model": ModelConfig},
+    "method": {"full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig},
+    "dataset": {"dataset": DatasetConfig},
+    "stage": {"stage": StageConfig},
+    "hardware": {"hardware": HardwareConfig},
+}

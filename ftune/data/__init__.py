@@ -1,0 +1,1 @@
+"""Data: rows -> canonical records -> template segments -> tokens and labels -> batches."""

@@ -1,0 +1,139 @@
+"""dataset config -> tokenised train and held-out samples, cached on disk.
+
+Order of work: read every source, convert rows to canonical records, split off the held-out rows
+(per source, seeded, before weighting so a repeated row never lands on both sides), apply mixing
+weights, render with the template, tokenise, then pack. Everything from the records on is cached
+under a key that hashes all inputs that change the result, so a rerun does not tokenise again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftune import resources
+from ftune.config.schema import DatasetConfig, SourceConfig
+from ftune.data import formats, sources, templates
+from ftune.data.packing import pack
+from ftune.data.tokenize import TokenStats, tokenize_all
+from ftune.errors import FtuneError
+
+CACHE_VERSION = "1"  # bump when tokenisation output changes for the same inputs
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs: samples (packed rows when packing is on) and a few prompts to show."""
+
+    train: list[dict]
+    eval: list[dict]
+    stats: dict[str, Any]
+    eval_prompts: list[list[dict]] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTUNE_CACHE_DIR", Path.home() / ".cache" / "ftune"))
+
+
+def read_source(src: SourceConfig, index: int) -> list[dict]:
+    rows = sources.read_rows(src.path, src.split, src.subset)
+    return formats.to_records(rows, src.format, dict(src.columns), src.system, f"dataset.sources[{index}] ({src.path})")
+
+
+def weighted(records: list[dict], weight: float, rng: random.Random) -> list[dict]:
+    """weight x records: whole repeats, then a seeded sample for the fractional part."""
+    whole, frac = int(weight), weight - int(weight)
+    out = records * whole
+    if frac > 0:
+        out += rng.sample(records, round(frac * len(records)))
+    return out
+
+
+def split_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) canonical records after splitting and mixing."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for i, src in enumerate(cfg.sources):
+        records = read_source(src, i)
+        rng.shuffle(records)
+        n_eval = 0 if cfg.eval_path else min(round(cfg.eval_fraction * len(records)), len(records) - 1)
+        held += records[:n_eval]
+        train += weighted(records[n_eval:], src.weight, rng)
+    if cfg.eval_path:
+        first = cfg.sources[0]
+        rows = sources.read_rows(cfg.eval_path)
+        held = formats.to_records(rows, first.format, dict(first.columns), first.system, f"dataset.eval_path ({cfg.eval_path})")
+    rng.shuffle(train)
+    if cfg.max_rows:
+        train = train[: cfg.max_rows]
+    if not train:
+        raise FtuneError("dataset: no training rows left after the held-out split",
+                         hint="Lower dataset.eval_fraction or add rows.")
+    return train, held[: cfg.eval_max_rows]
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((body + str(tokenizer.chat_template) + str(tokenizer.eos_token)).encode()).hexdigest()
+
+
+def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
+    template_file = resources.templates_dir() / f"{cfg.template}.yaml"
+    parts = {
+        "version": CACHE_VERSION,
+        "dataset": dataclasses.asdict(cfg),
+        "stage": stage,
+        "seed": seed,
+        "template": template_file.read_text() if template_file.is_file() else cfg.template,
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "files": [sources.fingerprint(s.path) for s in cfg.sources] + ([sources.fingerprint(cfg.eval_path)] if cfg.eval_path else []),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> tuple[list[dict], TokenStats]:
+    template = templates.load_template(cfg.template)
+    segment_lists = [templates.render(r, template, tokenizer) for r in records]
+    return tokenize_all(segment_lists, tokenizer, cfg.max_seq_len, cfg.train_on)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True) -> DataBundle:
+    """Tokenised samples for training and evaluation (from the cache when nothing changed)."""
+    key = cache_key(cfg, stage, seed, tokenizer)
+    path = cache_dir() / "data" / f"{cfg.name}-{key}.pt"
+    if use_cache and path.is_file():
+        cached = torch.load(path, weights_only=False)
+        cached["stats"]["from_cache"] = str(path)
+        return DataBundle(**cached)
+    train_records, eval_records = split_records(cfg, seed)
+    train, train_stats = tokenize_records(train_records, cfg, tokenizer)
+    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer)
+    if not train:
+        raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
+                         [f"{train_stats.dropped_no_target} samples had no assistant tokens within max_seq_len={cfg.max_seq_len}"],
+                         "Raise dataset.max_seq_len or check the template and train_on setting.")
+    prompts = [r["messages"][:-1] for r in eval_records[:4] if "messages" in r]
+    stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path)}
+    if cfg.packing:
+        train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)
+        stats["packed_rows"] = {"train": len(train), "eval": len(held)}
+    bundle = DataBundle(train=train, eval=held, stats=stats, eval_prompts=prompts)
+    if use_cache:
+        _save_atomic(dataclasses.asdict(bundle), path)
+    return bundle

@@ -1,0 +1,144 @@
+"""Row formats -> one canonical record.
+
+A canonical record is {"text": str} for raw text (continue-pretraining), or {"messages": [...]}:
+a list of {"role": system|user|assistant, "content": str}. Every format below maps a row (after
+the source's column mapping) to that shape, and names the row and column when it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ftune.errors import FtuneError
+
+Record = dict[str, Any]
+Row = dict[str, Any]
+
+# Canonical field names per format: dataset.sources[i].columns maps these to a file's columns.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "qa": ("question", "answer", "system"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+}
+FORMATS = tuple(FIELDS)
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+class RowError(ValueError):
+    """A row that cannot be read; `to_ftune_error` adds the source and row number."""
+
+
+def _text(row: Row, key: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (empty CSV cell)
+        if required:
+            raise RowError(f"column '{key}' is missing or empty")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"column '{key}' must be text (got {type(value).__name__})")
+    return value
+
+
+def _system(row: Row, default: str | None) -> list[Record]:
+    system = _text(row, "system", required=False) or default
+    return [{"role": "system", "content": system}] if system else []
+
+
+def from_text(row: Row, system: str | None) -> Record:
+    text = _text(row, "text")
+    if not text.strip():
+        raise RowError("column 'text' is empty")
+    return {"text": text}
+
+
+def from_alpaca(row: Row, system: str | None) -> Record:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = _system(row, system)
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise RowError("column 'history' must be a list of [prompt, answer] pairs")
+    for pair in history:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise RowError("column 'history' must be a list of [prompt, answer] pairs of text")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
+    return {"messages": messages}
+
+
+def from_qa(row: Row, system: str | None) -> Record:
+    return {"messages": [*_system(row, system), {"role": "user", "content": _text(row, "question")},
+                         {"role": "assistant", "content": _text(row, "answer")}]}
+
+
+def _turns(turns: Any, column: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Record]:
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"column '{column}' must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise RowError(f"{column}[{i}] must have '{role_key}' and '{content_key}'")
+        role = roles.get(str(turn[role_key]).lower())
+        if role is None:
+            raise RowError(f"{column}[{i}].{role_key}='{turn[role_key]}' is not one of {', '.join(sorted(roles))}")
+        if not isinstance(turn[content_key], str):
+            raise RowError(f"{column}[{i}].{content_key} must be text")
+        out.append({"role": role, "content": turn[content_key]})
+    return out
+
+
+def _check_turns(messages: list[Record]) -> list[Record]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("the conversation has no assistant turn to train on")
+    return messages
+
+
+def from_messages(row: Row, system: str | None) -> Record:
+    roles = {"system": "system", "user": "user", "assistant": "assistant"}
+    messages = _turns(row.get("messages"), "messages", "role", "content", roles)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return {"messages": _check_turns(messages)}
+
+
+def from_sharegpt(row: Row, system: str | None) -> Record:
+    messages = _turns(row.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    if messages[0]["role"] != "system":
+        messages = _system(row, system) + messages
+    return {"messages": _check_turns(messages)}
+
+
+CONVERTERS: dict[str, Callable[[Row, str | None], Record]] = {
+    "text": from_text, "alpaca": from_alpaca, "qa": from_qa, "messages": from_messages, "sharegpt": from_sharegpt,
+}
+
+
+def map_columns(row: Row, columns: dict[str, str]) -> Row:
+    """Rename a row's columns to the canonical names given by the source's `columns` mapping."""
+    if not columns:
+        return row
+    out = dict(row)
+    for canonical, column in columns.items():
+        if column in row:
+            out[canonical] = row[column]
+    return out
+
+
+def to_records(rows: list[Row], fmt: str, columns: dict[str, str], system: str | None, where: str) -> list[Record]:
+    """Convert every row; the first bad row stops with its number, the problem and the fix."""
+    convert = CONVERTERS[fmt]
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(convert(map_columns(row, columns), system))
+        except RowError as exc:
+            found = ", ".join(sorted(map(str, row))) or "none"
+            raise FtuneError(f"{where}, row {i + 1}: {exc}", [f"format={fmt} expects columns: {', '.join(FIELDS[fmt])}",
+                                                               f"the row has columns: {found}"],
+                             "Fix the row, or map your column names with dataset.sources[i].columns.") from None
+    return records

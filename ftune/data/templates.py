@@ -1,0 +1,136 @@
+"""Prompt templates: a canonical record -> text segments, each marked trained or masked.
+
+Named templates are YAML files in data_templates/ (see chatml.yaml for the fields). The `model`
+template uses the tokenizer's own chat template: it renders the conversation one message longer
+at a time, and the text each assistant message adds is what gets trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ftune import resources
+from ftune.errors import FtuneError
+from ftune.registry import unknown_name_error
+
+
+@dataclass
+class Segment:
+    """A run of text: `train` marks an assistant turn; `turn` counts assistant turns (0-based)."""
+
+    text: str
+    train: bool
+    turn: int = -1
+
+
+@dataclass
+class Template:
+    """A prompt format. `{content}`, `{system}`, `{bos}` and `{eos}` are filled in when rendering."""
+
+    name: str
+    user: str
+    assistant: str
+    system: str = ""
+    user_with_system: str = ""
+    prefix: str = ""
+    separator: str = ""
+    default_system: str | None = None
+    stop: str = "{eos}"
+    description: str = ""
+
+
+def load_template(name: str) -> Template | None:
+    """A named template, or None for `model` (the tokenizer's chat template)."""
+    if name == "model":
+        return None
+    path = resources.templates_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = ["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))]
+        raise unknown_name_error("template", name, names, key="dataset.template")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Template(name=name, **data)
+    except TypeError as exc:
+        raise FtuneError(f"{path}: {exc}", hint="See data_templates/chatml.yaml for the fields a template has.") from None
+
+
+def _fill(fmt: str, tokenizer: Any, **values: str) -> str:
+    # str.replace, not str.format: user text may contain braces.
+    out = fmt.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", value)
+    return out
+
+
+def render_named(template: Template, messages: list[dict], tokenizer: Any) -> list[Segment]:
+    system = template.default_system
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    segments = [Segment(_fill(template.prefix, tokenizer), False)]
+    use_inline_system = bool(system and template.user_with_system)
+    if system and not use_inline_system:
+        segments.append(Segment(_fill(template.system, tokenizer, content=system), False))
+    turn = 0
+    for i, message in enumerate(messages):
+        if message["role"] == "user":
+            fmt = template.user_with_system if (use_inline_system and i == 0) else template.user
+            segments.append(Segment(_fill(fmt, tokenizer, content=message["content"], system=system or ""), False))
+        elif message["role"] == "assistant":
+            segments.append(Segment(_fill(template.assistant, tokenizer, content=message["content"]), True, turn))
+            segments.append(Segment(_fill(template.separator, tokenizer), False))
+            turn += 1
+        else:
+            raise FtuneError(f"template '{template.name}': a '{message['role']}' message may only come first")
+    return [s for s in segments if s.text]
+
+
+def render_model(messages: list[dict], tokenizer: Any) -> list[Segment]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise FtuneError("dataset.template=model, but the tokenizer has no chat template",
+                         hint="Pick a named template, e.g. dataset.template=chatml.")
+    segments, done, turn = [], "", 0
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            _append(segments, done, prompt, False, turn)
+            done = prompt
+        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        is_answer = message["role"] == "assistant"
+        _append(segments, done, text, is_answer, turn)
+        done = text
+        turn += is_answer
+    return [s for s in segments if s.text]
+
+
+def _append(segments: list[Segment], done: str, text: str, train: bool, turn: int) -> None:
+    if not text.startswith(done):
+        raise FtuneError("the tokenizer's chat template does not render a conversation as a growing prefix, so "
+                         "prompt and answer tokens cannot be told apart",
+                         hint="Use a named template instead, e.g. dataset.template=chatml.")
+    segments.append(Segment(text[len(done):], train, turn if train else -1))
+
+
+def render(record: dict, template: Template | None, tokenizer: Any) -> list[Segment]:
+    """Segments for one canonical record. Raw text is trained whole, with EOS appended."""
+    if "text" in record:
+        return [Segment(record["text"] + (tokenizer.eos_token or ""), True, 0)]
+    if template is None:
+        return render_model(record["messages"], tokenizer)
+    return render_named(template, record["messages"], tokenizer)
+
+
+def render_prompt(messages: list[dict], template: Template | None, tokenizer: Any) -> str:
+    """The text a model continues to answer `messages` (which end with a user turn)."""
+    if template is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(s.text for s in render_named(template, messages, tokenizer))
+
+
+def stop_text(template: Template | None, tokenizer: Any) -> str:
+    """The string that ends an assistant turn (generation stops on its token)."""
+    if template is None:
+        return tokenizer.eos_token or ""
+    return _fill(template.stop, tokenizer)

@@ -1,0 +1,43 @@
+"""LoRA and QLoRA through peft (DoRA and rsLoRA are peft switches).
+
+QLoRA differs only in the base: loaded in 4-bit NF4 by models/load.py, then prepared with peft's
+prepare_model_for_kbit_training (norms in fp32, input grads enabled for checkpointing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftune.methods import METHODS
+
+
+def peft_config(method: Any) -> Any:
+    from peft import LoraConfig, TaskType
+
+    targets = method.target_modules
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+        bias=method.bias,
+        modules_to_save=list(method.modules_to_save) or None,
+    )
+
+
+@METHODS.register("lora")
+def apply_lora(model: Any, cfg: Any) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg.method))
+
+
+@METHODS.register("qlora")
+def apply_qlora(model: Any, cfg: Any) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return apply_lora(model, cfg)

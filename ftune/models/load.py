@@ -1,0 +1,146 @@
+"""Base model + tokenizer from a hub id, a local folder or a .gguf file.
+
+A .gguf base is converted once into a plain safetensors folder in ftune's cache. transformers
+loads GGUF by dequantising it but still marks the model as quantised (config.quantization_config,
+hf_quantizer), which makes saving, merging and peft misbehave; a plain folder has none of that,
+and later runs skip the ~20 s dequantisation. Every other path goes straight to from_pretrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftune import resources
+from ftune.config.schema import FtuneConfig, ModelConfig
+from ftune.errors import FtuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FROZEN_BASE_METHODS = ("lora", "qlora")
+
+
+def models_cache() -> Path:
+    from ftune.data.build import cache_dir
+
+    return cache_dir() / "models"
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantise a .gguf file once into <cache>/models/<stem>-<hash>/ (safetensors + tokenizer)."""
+    st = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = models_cache() / f"{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Drop the GGUF "quantisation" marks: the weights are already plain float tensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = gguf.stem
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local folder or hub id that from_pretrained understands."""
+    path = Path(os.path.expanduser(resources.resolve_path(cfg.path)))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FtuneError(f"model.path: {path} does not exist")
+        return str(gguf_to_folder(path))
+    return str(path) if path.exists() else cfg.path
+
+
+def weight_dtype(cfg: FtuneConfig) -> torch.dtype:
+    """auto: a frozen base in the training precision; trained weights stay fp32 (master weights)."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    if cfg.method.name in FROZEN_BASE_METHODS:
+        return PRECISION_DTYPES[cfg.hardware.precision]
+    return torch.float32
+
+
+def pick_device(cfg: FtuneConfig) -> torch.device:
+    if cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise FtuneError("hardware.device=cuda, but torch sees no CUDA GPU",
+                             hint="Use hardware=cpu, or install a CUDA build of torch on a GPU machine.")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def attention_impl(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def quantization_config(cfg: FtuneConfig) -> Any:
+    if cfg.model.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise FtuneError(f"model.quantization={cfg.model.quantization} needs bitsandbytes",
+                         hint="pip install 'ftune[quant]' (bitsandbytes) on a CUDA machine.") from None
+    if cfg.model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.model.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=PRECISION_DTYPES[cfg.hardware.precision])
+
+
+def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS is safe
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
+    """(model, tokenizer), the model on `device`, in eval mode until the trainer starts."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model)
+    quant = quantization_config(cfg)
+    try:
+        tokenizer = load_tokenizer(path, cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.model.revision, dtype=weight_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=attention_impl(cfg.model, device), quantization_config=quant,
+            device_map={"": device.index or 0} if quant is not None else None)
+    except OSError as exc:
+        raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [str(exc).splitlines()[0][:300]],
+                         "Give a local folder or .gguf file, or a hub id that is cached or reachable.") from None
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # training never reuses the KV cache
+    return model, tokenizer

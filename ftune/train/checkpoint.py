@@ -1,0 +1,113 @@
+"""Checkpoints: written to a temporary folder and renamed, so a folder named step-N is complete.
+
+A checkpoint holds the trainable parameters only (an adapter is megabytes, not the base model),
+the optimiser and scheduler states, every RNG state and the step. The data order is a function of
+(seed, step), so the step alone restores the position in the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ftune.errors import FtuneError
+
+PREFIX = "step-"
+STATE = "state.json"
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{PREFIX}{step:07d}"
+    tmp = ckpt_root / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "train_state.pt")
+    # state.json is written last: its presence marks the folder complete.
+    (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in complete_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders from a crash are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob(f"{PREFIX}*") if (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def find(path: Path) -> Path:
+    """A checkpoint folder from a checkpoint path or a run directory (its newest checkpoint)."""
+    if (path / STATE).is_file():
+        return path
+    found = complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise FtuneError(f"train.resume: no complete checkpoint under {path}",
+                         hint="Checkpoints are written every train.save_every steps; start without resume.")
+    return found[-1]
+
+
+def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Restore parameters, optimiser, scheduler and RNG; returns the saved state.json."""
+    tensors = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise FtuneError(f"train.resume: checkpoint {ckpt} does not match this model/method",
+                         [f"unknown parameter {unknown[0]} (+{len(unknown) - 1} more)"],
+                         "Resume with the same recipe and overrides that wrote the checkpoint.")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device))
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return json.loads((ckpt / STATE).read_text())

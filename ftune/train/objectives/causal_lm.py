@@ -1,0 +1,31 @@
+"""Next-token cross-entropy on the labelled tokens (stages pt and sft)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftune.data.tokenize import IGNORE
+from ftune.train.objectives import OBJECTIVES
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def count_targets(batch: dict) -> int:
+    """Tokens that carry a loss: labels past the first position that are not IGNORE."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@OBJECTIVES.register("causal_lm")
+def causal_lm(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, target token count) for one micro-batch."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    # Shift: the logits at position t predict the token at t+1. fp32 for a stable log-softmax.
+    logits = logits[:, :-1, :].float()
+    labels = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    return loss_sum, count_targets(batch)

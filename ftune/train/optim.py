@@ -1,0 +1,51 @@
+"""Optimiser and learning-rate schedule from train.* settings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ftune.config.schema import TrainConfig
+from ftune.errors import FtuneError
+
+NO_DECAY = ("bias", "norm", "ln_")
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise FtuneError("nothing to train: the method left no parameter with requires_grad")
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise FtuneError(f"train.optim={cfg.optim} needs bitsandbytes", hint="pip install 'ftune[quant]'") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
+    return cls(groups, **kwargs)
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=total_steps)

@@ -1,0 +1,198 @@
+"""`ftune train`, top to bottom: setup in dependency order, then the loop, then the outputs.
+
+    config -> run dir -> device/precision -> model + tokenizer -> data -> method -> optimiser
+    -> resume -> held-out loss before -> fit -> held-out loss after -> save -> sample answer
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ftune.config.compose import Composed
+from ftune.config.schema import FtuneConfig
+from ftune.data import templates
+from ftune.data.build import build as build_data
+from ftune.errors import FtuneError
+from ftune.methods import apply as apply_method
+from ftune.methods import count_parameters, is_peft
+from ftune.models import load as model_load
+from ftune.train import checkpoint, objectives
+from ftune.train.metrics import MetricsLog, plot_loss
+from ftune.train.optim import build_optimizer, build_scheduler
+from ftune.train.trainer import FitState, LoopParts, evaluate, fit, save_checkpoint, total_steps
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run_dir(cfg: FtuneConfig) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None)."""
+    resume = cfg.train.resume
+    if resume.lower() in ("false", "no", "0", ""):
+        name = cfg.train.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(cfg.train.output_dir) / name, None
+    base = Path(cfg.train.output_dir) / cfg.train.run_name if resume.lower() == "true" else Path(resume)
+    if not base.exists():
+        raise FtuneError(f"train.resume: {base} does not exist", hint="Give the run directory of an earlier run.")
+    ckpt = checkpoint.find(base)
+    return ckpt.parent.parent, ckpt
+
+
+def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # One process may train several times (tests, notebooks): start from a clean state each time.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[cfg.hardware.precision])
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[dict], accelerator: Any) -> str:
+    """Greedy answer to one prompt, to show what the model does now."""
+    template = templates.load_template(cfg.dataset.template)
+    prompt = templates.render_prompt(messages, template, tokenizer)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(templates.stop_text(template, tokenizer))}
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        out = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
+                             eos_token_id=[i for i in stop_ids if isinstance(i, int)], pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """PEFT adapter (loadable by PeftModel.from_pretrained) or a full Hugging Face model."""
+    out = run_dir / ("adapter" if is_peft(model) else "model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def train(composed: Composed, console: Console | None = None, stop_after: int | None = None) -> dict:
+    """Run one training job; returns the summary also written to <run>/summary.json."""
+    cfg = composed.cfg
+    console = console or Console()
+    wall_start = time.perf_counter()
+    seed_everything(cfg.train.seed)
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+
+    # The run directory first: everything after writes into it.
+    run_dir, resume_from = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(composed.to_yaml())
+    (run_dir / "command.txt").write_text("ftune train " + " ".join(composed.overrides) + "\n")
+
+    device = model_load.pick_device(cfg)
+    accelerator = make_accelerator(cfg, device)
+    console.print(f"[bold]ftune train[/] recipe={cfg.recipe}  model={cfg.model.name}  method={cfg.method.name}  "
+                  f"stage={cfg.stage.name}  device={device.type}  precision={cfg.hardware.precision}")
+    console.print(f"run directory: {run_dir}")
+
+    # Model before data: the tokenizer decides the tokens. Data before the method: a data error
+    # should not cost the time of building adapters.
+    with console.status("loading model"):
+        model, tokenizer = model_load.load(cfg, device)
+    with console.status("tokenising data"):
+        data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
+    (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
+    _report_data(console, data.stats, cfg)
+
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_method(model, cfg)
+    trainable, total = count_parameters(model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    steps = total_steps(cfg.train, len(data.train))
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    objective = objectives.get(cfg.stage.objective)
+    parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
+                      tokenizer.pad_token_id, run_dir)
+
+    state = FitState()
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = FitState(**{k: saved[k] for k in vars(state) if k in saved})
+        console.print(f"resumed from {resume_from} at step {state.step}")
+    else:
+        state.eval_before = evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+        console.print(f"held-out loss before training: {state.eval_before:.4f}")
+    log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step)
+    if resume_from is None:
+        log.write({"step": 0, "eval_loss": state.eval_before})
+
+    console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} samples")
+    with progress_bar(console) as progress:
+        state = fit(parts, cfg.train, state, log, progress, stop_after=stop_after)
+    if state.step < steps:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
+        save_checkpoint(parts, cfg.train, state)
+        log.close()
+        return {"stopped_at": state.step, "run_dir": str(run_dir)}
+
+    eval_after = evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+    log.write({"step": state.step, "eval_loss": eval_after})
+    log.close()
+    unwrapped = accelerator.unwrap_model(model)
+    saved_to = save_final(unwrapped, tokenizer, run_dir)
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {
+        "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
+        "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+        "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
+    }
+    prompts = [[{"role": "user", "content": cfg.dataset.sample_prompt}]] if cfg.dataset.sample_prompt else data.eval_prompts
+    if cfg.train.sample_max_new_tokens and prompts:
+        summary["sample_prompt"] = prompts[0][-1]["content"]
+        summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], accelerator)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _report_summary(console, summary)
+    return summary
+
+
+def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
+    t = stats["train"]
+    console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
+                  f"{stats['eval']['samples']} held-out" + (" [from cache]" if stats.get("from_cache") else ""))
+    if t["truncated"]:
+        console.print(f"[yellow]warning:[/] {t['truncated']} samples were longer than dataset.max_seq_len="
+                      f"{cfg.dataset.max_seq_len} and were truncated")
+    if t["dropped_no_target"]:
+        console.print(f"[yellow]warning:[/] {t['dropped_no_target']} samples had no trained tokens left and were dropped")
+
+
+def _report_summary(console: Console, s: dict) -> None:
+    drop = s["eval_loss_before"] - s["eval_loss_after"]
+    better = "[green]lower[/]" if drop > 0 else "[red]not lower[/]"
+    console.print(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({better}, "
+                  f"ppl {math.exp(s['eval_loss_before']):.2f} -> {math.exp(s['eval_loss_after']):.2f})")
+    console.print(f"{s['train_tokens']:,} tokens in {s['train_seconds']:.0f} s of training = {s['tokens_per_s']:.0f} tokens/s; "
+                  f"wall time {s['wall_seconds']:.0f} s")
+    if "sample_answer" in s:
+        console.print(f"[bold]sample[/] Q: {s['sample_prompt']}\n         A: {s['sample_answer']}")
+    console.print(f"saved: {s['saved']}  (metrics.jsonl, loss.png, summary.json in {s['run_dir']})")

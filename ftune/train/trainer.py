@@ -1,0 +1,161 @@
+"""The one training loop (every stage), written as plain functions around an Accelerator.
+
+A step gathers `grad_accum` micro-batches, counts their target tokens first, and backpropagates
+each micro-batch's *summed* loss divided by that count: the accumulated gradient is exactly the
+gradient of the token-mean loss over the whole step, as if it were one large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ftune.config.schema import TrainConfig
+from ftune.data.collate import collate
+from ftune.train import checkpoint
+from ftune.train.metrics import MetricsLog
+from ftune.train.objectives.causal_lm import count_targets
+
+
+class DataOrder:
+    """The micro-batch stream: a seeded permutation per epoch, cut into micro-batches.
+
+    Micro-batch m is a pure function of (seed, m), so resuming at step s needs nothing but s.
+    """
+
+    def __init__(self, n: int, micro_batch_size: int, seed: int):
+        self.n, self.mbs, self.seed = n, micro_batch_size, seed
+        self.per_epoch = math.ceil(n / micro_batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def micro(self, m: int) -> list[int]:
+        epoch, pos = divmod(m, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1][pos * self.mbs:(pos + 1) * self.mbs]
+
+
+def total_steps(cfg: TrainConfig, n_samples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    steps_per_epoch = math.ceil(math.ceil(n_samples / cfg.micro_batch_size) / cfg.grad_accum)
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate(model: Any, objective: Callable, samples: list[dict], mbs: int, pad_id: int, accelerator: Any) -> float:
+    """Token-weighted mean loss over the held-out samples."""
+    if not samples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(samples), mbs):
+            batch = to_device(collate(samples[i:i + mbs], pad_id), accelerator.device)
+            with accelerator.autocast():
+                loss_sum, n = objective(model, batch)
+            total, tokens = total + float(loss_sum), tokens + n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def train_step(model: Any, objective: Callable, batches: list[dict], accelerator: Any, optimizer: Any,
+               scheduler: Any, max_grad_norm: float) -> dict[str, float]:
+    """One optimiser step over several micro-batches; returns the step's metrics."""
+    n_targets = sum(count_targets(b) for b in batches)
+    loss_total = 0.0
+    for i, batch in enumerate(batches):
+        # Skip the gradient all-reduce on all but the last micro-batch (a no-op in one process).
+        sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss_sum, _ = objective(model, batch)
+            accelerator.backward(loss_sum / n_targets)
+        loss_total += float(loss_sum.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(params, clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_total / n_targets, "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0], "tokens": int(sum(int(b["num_tokens"]) for b in batches)),
+            "target_tokens": n_targets}
+
+
+@dataclass
+class FitState:
+    """Progress that survives a resume (stored in each checkpoint's state.json)."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    eval_before: float = float("nan")
+    last_eval: float = float("nan")
+
+
+@dataclass
+class LoopParts:
+    """What the loop works on, gathered by ftune/train/run.py."""
+
+    model: Any
+    objective: Callable
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    train: list[dict]
+    eval: list[dict]
+    pad_id: int
+    run_dir: Path
+
+
+def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, progress: Any,
+        stop_after: int | None = None) -> FitState:
+    """Run optimiser steps from state.step to the end (or to `stop_after`, used by tests)."""
+    steps = total_steps(cfg, len(parts.train))
+    order = DataOrder(len(parts.train), cfg.micro_batch_size, cfg.seed)
+    task = progress.add_task("train", total=steps, completed=state.step, loss=float("nan"), tps=0.0)
+    parts.model.train()
+    while state.step < steps:
+        start = time.perf_counter()
+        first = state.step * cfg.grad_accum
+        batches = [to_device(collate([parts.train[i] for i in order.micro(m)], parts.pad_id), parts.accelerator.device)
+                   for m in range(first, first + cfg.grad_accum)]
+        metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
+                             parts.scheduler, cfg.max_grad_norm)
+        elapsed = time.perf_counter() - start
+        state.step += 1
+        state.tokens += metrics["tokens"]
+        state.train_seconds += elapsed
+        record = {"step": state.step, **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+                  "epoch": state.step * cfg.grad_accum / order.per_epoch}
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+            state.last_eval = evaluate(parts.model, parts.objective, parts.eval, cfg.micro_batch_size,
+                                       parts.pad_id, parts.accelerator)
+            record["eval_loss"] = state.last_eval
+            progress.console.print(f"step {state.step}: held-out loss {state.last_eval:.4f}")
+        if state.step % cfg.log_every == 0 or "eval_loss" in record:
+            log.write(record)
+        progress.update(task, completed=state.step, loss=metrics["loss"], tps=state.tokens / state.train_seconds)
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+            save_checkpoint(parts, cfg, state)
+        if stop_after is not None and state.step >= stop_after:
+            break
+    return state
+
+
+def save_checkpoint(parts: LoopParts, cfg: TrainConfig, state: FitState) -> Path:
+    model = parts.accelerator.unwrap_model(parts.model)
+    return checkpoint.save(parts.run_dir / "checkpoints", state.step, model, parts.optimizer, parts.scheduler,
+                           vars(state).copy(), cfg.save_total_limit)
