@@ -35,9 +35,24 @@ def apply_lora(model: Any, cfg: Any) -> Any:
     return get_peft_model(model, peft_config(cfg.method))
 
 
+def keep_4bit_layers_differentiable(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit run in eval mode without grad (our held-out evaluation)
+    permanently repacks its weight for a kernel that has no backward; later training steps then
+    backpropagate through it silently wrong. Training needs the differentiable path throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 @METHODS.register("qlora")
 def apply_qlora(model: Any, cfg: Any) -> Any:
     from peft import prepare_model_for_kbit_training
 
+    keep_4bit_layers_differentiable(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     return apply_lora(model, cfg)

@@ -125,6 +125,10 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     return tokenizer
 
 
+def _device_map_target(device: torch.device) -> str | int:
+    return "cpu" if device.type == "cpu" else (device.index or 0)
+
+
 def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
     """(model, tokenizer), the model on `device`, in eval mode until the trainer starts."""
     from transformers import AutoModelForCausalLM
@@ -136,7 +140,7 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=cfg.model.revision, dtype=weight_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code,
             attn_implementation=attention_impl(cfg.model, device), quantization_config=quant,
-            device_map={"": device.index or 0} if quant is not None else None)
+            device_map={"": _device_map_target(device)} if quant is not None else None)
     except OSError as exc:
         raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [str(exc).splitlines()[0][:300]],
                          "Give a local folder or .gguf file, or a hub id that is cached or reachable.") from None

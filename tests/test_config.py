@@ -1,0 +1,103 @@
+"""Every shipped recipe and config composes and validates; bad input gets one clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ftune.config.compose import GROUPS, compose, group_choices, recipe_names
+from ftune.config.schema import FtuneConfig, LoraConfig
+from ftune.errors import FtuneError
+
+EXPECTED_RECIPES = {"smollm2-lora-sft", "smollm2-full-sft", "smollm2-lora-pt", "qlora-llama7b", "lora-llama3-8b",
+                    "qlora-qwen2.5-7b", "lora-mistral-7b"}
+
+
+def test_the_recipes_the_docs_promise_ship():
+    assert EXPECTED_RECIPES <= set(recipe_names())
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_composes_and_validates(recipe):
+    cfg = compose([f"recipe={recipe}"]).cfg
+    assert isinstance(cfg, FtuneConfig) and cfg.recipe == recipe
+    assert cfg.dataset.template is not None  # derived from the model when unset
+
+
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in group_choices(g)])
+def test_every_group_choice_composes(group, choice):
+    overrides = [f"{group}={choice}"]
+    if group == "dataset" and choice == "smol-corpus":
+        overrides.append("stage=pt")
+    if group == "hardware" and choice != "cpu" or group == "method" and choice == "qlora":
+        overrides.append("hardware=single-gpu")
+    cfg = compose(overrides).cfg
+    assert getattr(cfg, group).name == choice
+
+
+def test_qlora_derives_a_4bit_base_and_lora_fields_are_typed():
+    cfg = compose(["recipe=qlora-llama7b"]).cfg
+    assert cfg.model.quantization == "4bit" and cfg.method.name == "qlora"
+    assert isinstance(cfg.method, LoraConfig) and cfg.method.r == 64
+
+
+def test_stage_pt_trains_every_token():
+    assert compose(["recipe=smollm2-lora-pt"]).cfg.dataset.train_on == "all"
+
+
+def test_overrides_beat_the_recipe():
+    cfg = compose(["recipe=lora-mistral-7b", "method.r=4", "train.lr=1e-3", "model=smollm2-135m"]).cfg
+    assert (cfg.method.r, cfg.train.lr, cfg.model.name) == (4, 1e-3, "smollm2-135m")
+
+
+def test_unknown_choice_lists_valid_names():
+    with pytest.raises(FtuneError) as err:
+        compose(["method=lorra"])
+    text = err.value.render()
+    assert "Did you mean 'lora'" in text and "full, lora, qlora" in text.replace("freeze, ", "")
+
+
+def test_unknown_recipe_lists_recipes():
+    with pytest.raises(FtuneError, match="smollm2-lora-sft"):
+        compose(["recipe=nope"])
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(FtuneError) as err:
+        compose(["method.r=0", "train.lr=-1", "dataset.template=chatmll", "train.optim=paged_adamw_8bit"])
+    problems = err.value.problems
+    assert len(problems) == 4
+    assert "method.r must be > 0 (got 0)" in problems[0]
+    assert any("Did you mean 'chatml'" in p for p in problems)
+    assert any("train.optim=paged_adamw_8bit" in p for p in problems)
+
+
+def test_unknown_key_and_bad_type_are_config_errors():
+    with pytest.raises(FtuneError, match="method.rr"):
+        compose(["method.rr=3"])
+    with pytest.raises(FtuneError, match="method.r"):
+        compose(["method.r=abc"])
+
+
+def test_sft_on_raw_text_is_refused_with_the_fix():
+    with pytest.raises(FtuneError) as err:
+        compose(["dataset=smol-corpus"])
+    assert any("stage=pt" in p for p in err.value.problems)
+
+
+def test_cli_prints_a_panel_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "ftune.cli", "config", "show", "method.r=0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "method.r must be > 0" in out.stderr and "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_config_show_and_recipes():
+    show = subprocess.run([sys.executable, "-m", "ftune.cli", "config", "show", "method.r=8"],
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0 and "r: 8" in show.stdout
+    listing = subprocess.run([sys.executable, "-m", "ftune.cli", "recipes"], capture_output=True, text=True,
+                             timeout=120, env={"COLUMNS": "200", "PATH": ""})
+    assert listing.returncode == 0 and "qlora-llama7b" in listing.stdout
