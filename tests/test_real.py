@@ -1,0 +1,42 @@
+"""The truth, on the real default model (SmolLM2-135M-Instruct from the shipped GGUF)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftune.config.compose import compose
+from ftune.train.run import train
+
+pytestmark = pytest.mark.real
+
+
+def test_gguf_base_becomes_a_plain_model():
+    from ftune.models.load import load
+
+    cfg = compose([]).cfg
+    model, tok = load(cfg, torch.device("cpu"))
+    assert getattr(model.config, "quantization_config", None) is None
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    assert model.dtype == torch.bfloat16  # frozen LoRA base in the bf16 training precision
+
+
+def test_short_lora_sft_lowers_held_out_loss(tmp_path):
+    summary = train(compose(["train.max_steps=12", "train.micro_batch_size=8", "dataset.eval_max_rows=32",
+                             "train.eval_every=0", "train.save_every=0", "train.warmup_ratio=0",
+                             f"train.output_dir={tmp_path}", "train.run_name=real", "train.sample_max_new_tokens=16"]))
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.1, summary
+    run = tmp_path / "real"
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 16
+    assert summary["sample_answer"]
+
+
+def test_continue_pretraining_lowers_held_out_loss(tmp_path):
+    summary = train(compose(["recipe=smollm2-lora-pt", "train.max_steps=6", "dataset.eval_max_rows=16",
+                             "train.eval_every=0", f"train.output_dir={tmp_path}", "train.run_name=pt"]))
+    assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
