@@ -34,7 +34,8 @@ class RowError(ValueError):
 
 def _text(row: Row, key: str, required: bool = True) -> str:
     value = row.get(key)
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN (empty CSV cell)
+    # None, NaN (an empty cell through pandas) and "" (an empty cell through csv) all mean missing.
+    if value is None or value == "" or (isinstance(value, float) and value != value):
         if required:
             raise RowError(f"column '{key}' is missing or empty")
         return ""

@@ -7,6 +7,7 @@ at a time, and the text each assistant message adds is what gets trained.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +58,14 @@ def load_template(name: str) -> Template | None:
         raise FtuneError(f"{path}: {exc}", hint="See data_templates/chatml.yaml for the fields a template has.") from None
 
 
+PLACEHOLDER = re.compile(r"\{(content|system|bos|eos)\}")
+
+
 def _fill(fmt: str, tokenizer: Any, **values: str) -> str:
-    # str.replace, not str.format: user text may contain braces.
-    out = fmt.replace("{bos}", tokenizer.bos_token or "").replace("{eos}", tokenizer.eos_token or "")
-    for key, value in values.items():
-        out = out.replace("{" + key + "}", value)
-    return out
+    """Fill the template's placeholders in one pass: text that is filled in is never scanned
+    again, so a message may itself contain "{system}" or other braces."""
+    values = {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or "", **values}
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), fmt)
 
 
 def render_named(template: Template, messages: list[dict], tokenizer: Any) -> list[Segment]:
