@@ -86,4 +86,4 @@ def tiny_overrides(tiny_model_dir, tmp_path) -> list[str]:
     return [f"model.path={tiny_model_dir}", "model.name=tiny", "hardware.precision=fp32",
             f"train.output_dir={tmp_path / 'outputs'}", "train.sample_max_new_tokens=4", "train.tensorboard=false",
             "dataset.max_rows=64", "train.micro_batch_size=4", "train.eval_every=0", "train.save_every=0",
-            "dataset.max_seq_len=128", *([f"dataset.sources.0.path={os.environ['FTUNE_TEST_DATA']}"] if os.environ.get("FTUNE_TEST_DATA") else [])]
+            "dataset.max_seq_len=128"]

@@ -72,6 +72,10 @@ def split_overrides(overrides: list[str]) -> tuple[str, list[str]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise FtuneError(f"'{item}' is not an override", hint="Overrides look like key=value, e.g. train.lr=1e-4.")
+        if key.startswith(("+", "~")):
+            raise FtuneError(f"'{item}': adding (+) or deleting (~) keys is not supported",
+                             hint="Every setting already exists in the typed schema: write key=value "
+                                  "(see `ftune config show` for the keys).")
         if key == "recipe":
             recipe = value
         elif key == "resume":
@@ -86,23 +90,28 @@ def _check_names(recipe: str, overrides: list[str]) -> None:
     if recipe not in recipe_names():
         raise unknown_name_error("recipe", recipe, recipe_names(), key="recipe")
     for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
+        key, _, value = item.partition("=")
         if key in GROUPS and value not in group_choices(key):
             raise unknown_name_error(key, value, group_choices(key), key=key)
 
 
 def _hydra_error(exc: Exception) -> FtuneError:
     """Hydra/OmegaConf composition errors as one short message naming the key."""
-    lines = [str(exc).strip()]
-    cause = exc.__cause__
-    while cause is not None:
-        text = str(cause).strip().splitlines()
-        lines += [line for line in text if line.strip() and not line.strip().startswith(("full_key", "object_type"))][:3]
-        cause = cause.__cause__
-    title = lines[0].splitlines()[0]
-    rest = [line for line in "\n".join(lines[1:]).splitlines() if line.strip()]
-    return FtuneError(f"config error: {title}", rest[:6],
-                      "Check the key's spelling with `ftune config show`; new keys are not allowed.")
+    texts, cause = [str(exc)], exc.__cause__ or exc.__context__
+    while cause is not None and len(texts) < 4:
+        texts.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    lines, seen = [], set()
+    for line in "\n".join(texts).splitlines():
+        line = line.strip()
+        if line and line not in seen and not line.startswith(("full_key", "object_type", "To append")):
+            seen.add(line)
+            lines.append(line)
+    hint = "Check the key's spelling with `ftune config show`; new keys are not allowed."
+    if any(line.startswith("In 'recipes/") for line in lines):
+        hint = ("The recipe sets a key that the group choice you picked does not have: override that key "
+                "away (~key) or pick a recipe made for this choice.")
+    return FtuneError(f"config error: {lines[0]}", lines[1:6], hint)
 
 
 def compose(overrides: list[str] | None = None) -> Composed:

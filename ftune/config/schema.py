@@ -80,8 +80,8 @@ class LoraConfig(MethodConfig):
     """Adapter rank."""
     alpha: float = 32.0
     """Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora)."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0.05-0.1 regularises long runs; on CPU it costs ~25% speed)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt (q_proj, v_proj, …) or [all-linear] for every linear layer but the head."""
     use_dora: bool = False
