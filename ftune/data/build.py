@@ -39,10 +39,6 @@ class DataBundle:
     eval_prompts: list[list[dict]] = field(default_factory=list)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FTUNE_CACHE_DIR", Path.home() / ".cache" / "ftune"))
-
-
 def read_source(src: SourceConfig, index: int) -> list[dict]:
     rows = sources.read_rows(src.path, src.split, src.subset)
     return formats.to_records(rows, src.format, dict(src.columns), src.system, f"dataset.sources[{index}] ({src.path})")
@@ -116,7 +112,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True) -> DataBundle:
     """Tokenised samples for training and evaluation (from the cache when nothing changed)."""
     key = cache_key(cfg, stage, seed, tokenizer)
-    path = cache_dir() / "data" / f"{cfg.name}-{key}.pt"
+    path = resources.cache_dir() / "data" / f"{cfg.name}-{key}.pt"
     if use_cache and path.is_file():
         cached = torch.load(path, weights_only=False)
         cached["stats"]["from_cache"] = str(path)

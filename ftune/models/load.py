@@ -25,17 +25,11 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch
 FROZEN_BASE_METHODS = ("lora", "qlora")
 
 
-def models_cache() -> Path:
-    from ftune.data.build import cache_dir
-
-    return cache_dir() / "models"
-
-
 def gguf_to_folder(gguf: Path) -> Path:
     """Dequantise a .gguf file once into <cache>/models/<stem>-<hash>/ (safetensors + tokenizer)."""
     st = gguf.stat()
     digest = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = models_cache() / f"{gguf.stem}-{digest}"
+    target = resources.cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -146,7 +146,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if resume_from is None:
         log.write({"step": 0, "eval_loss": state.eval_before})
 
-    console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} samples")
+    unit = "packed rows" if cfg.dataset.packing else "samples"
+    console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} {unit}")
     with progress_bar(console) as progress:
         state = fit(parts, cfg.train, state, log, progress, stop_after=stop_after)
     if state.step < steps:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
@@ -178,7 +179,9 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
     t = stats["train"]
     console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
-                  f"{stats['eval']['samples']} held-out" + (" [from cache]" if stats.get("from_cache") else ""))
+                  f"{stats['eval']['samples']} held-out"
+                  + (f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else "")
+                  + (" [from cache]" if stats.get("from_cache") else ""))
     if t["truncated"]:
         console.print(f"[yellow]warning:[/] {t['truncated']} samples were longer than dataset.max_seq_len="
                       f"{cfg.dataset.max_seq_len} and were truncated")
