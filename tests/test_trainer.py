@@ -14,7 +14,9 @@ from ftune.methods import apply as apply_method
 from ftune.methods import count_parameters
 from ftune.models import load as model_load
 from ftune.train.objectives.causal_lm import causal_lm
-from ftune.train.run import make_accelerator, save_final, train
+from ftune.methods import Setup
+from ftune.methods.saving import save_trained
+from ftune.train.run import make_accelerator, train
 from ftune.train.trainer import train_step
 
 
@@ -93,7 +95,7 @@ def test_lora_adapter_reloads_in_plain_peft(tiny_overrides, tiny_model_dir, tmp_
 
     cfg = compose(tiny_overrides).cfg
     model, tok = model_load.load(cfg, torch.device("cpu"))
-    model = apply_method(model, cfg)
+    model = apply_method(model, cfg, Setup(1, str(cfg.model.path)))
     torch.manual_seed(1)
     with torch.no_grad():  # stand-in for training: non-zero B matrices change the output
         for name, p in model.named_parameters():
@@ -102,7 +104,7 @@ def test_lora_adapter_reloads_in_plain_peft(tiny_overrides, tiny_model_dir, tmp_
     model.eval()
     ids = torch.tensor([tok("What is the capital of France?")["input_ids"]])
     expected = model(input_ids=ids).logits
-    save_final(model, tok, tmp_path)
+    save_trained(model, tok, cfg.method, str(tiny_model_dir), tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
@@ -114,7 +116,7 @@ def test_full_and_freeze_train_what_they_say(tiny_overrides):
     def trainable(overrides):
         cfg = compose([*tiny_overrides, *overrides]).cfg
         model, _ = model_load.load(cfg, torch.device("cpu"))
-        model = apply_method(model, cfg)
+        model = apply_method(model, cfg, Setup(1, str(cfg.model.path)))
         return model, count_parameters(model)
 
     _, (full_t, full_n) = trainable(["method=full"])
@@ -154,7 +156,7 @@ def test_qlora_gradients_survive_a_held_out_evaluation(tiny_overrides):
         nonlocal samples
         torch.manual_seed(0)
         model, tok = model_load.load(cfg, torch.device("cpu"))
-        model = apply_method(model, cfg)
+        model = apply_method(model, cfg, Setup(1, str(cfg.model.path)))
         if samples is None:
             from ftune.data.build import build
 

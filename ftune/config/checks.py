@@ -21,6 +21,10 @@ QUANTIZATION = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "last", "all")
+# Enumerated method fields, whichever method has them.
+METHOD_CHOICES = {"encoder": ("mlp", "lstm"), "placement": ("attn", "mlp", "both"),
+                  "activation": ("gelu", "relu", "silu"), "norms": ("auto", "always", "never"),
+                  "init": ("default", "gaussian", "pissa")}
 # Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
 STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",)}
 
@@ -29,14 +33,24 @@ def template_names() -> list[str]:
     return sorted(["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))])
 
 
-def derive(cfg: FtuneConfig) -> None:
-    """Settings implied by other settings, applied once after composition."""
+SOFT_PROMPTS = ("prompt", "ptuning", "prefix", "ptuning-v2")
+
+
+def derive(cfg: FtuneConfig) -> list[str]:
+    """Settings implied by other settings, applied once after composition; returns notes that
+    tell the user what was changed."""
+    notes = []
+    if cfg.method.name in SOFT_PROMPTS and cfg.dataset.packing:
+        cfg.dataset.packing = False
+        notes.append(f"method={cfg.method.name} prepends virtual tokens to every row, so rows are not packed "
+                     "(dataset.packing=false)")
     if cfg.method.name == "qlora" and cfg.model.quantization == "none":
         cfg.model.quantization = "4bit"
     if cfg.dataset.template is None:
         cfg.dataset.template = cfg.model.template
     if cfg.stage.name == "pt":
         cfg.dataset.train_on = "all"
+    return notes
 
 
 def _choice(problems: list[str], key: str, value: object, valid: tuple | list) -> None:
@@ -71,9 +85,31 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
         if not method.target_modules:
             problems.append("method.target_modules is empty; name modules (q_proj, v_proj) or use [all-linear]")
         _choice(problems, "method.bias", method.bias, ("none", "all", "lora_only"))
+        _positive(problems, "method.loraplus_lr_ratio", method.loraplus_lr_ratio, allow_zero=True)
         if method.name == "qlora" and cfg.model.quantization != "4bit":
             problems.append(f"method=qlora needs model.quantization=4bit (got {cfg.model.quantization}); "
                             "use method=lora for an unquantised or 8-bit base")
+    for key in ("num_virtual_tokens", "bottleneck", "init_r", "target_r", "encoder_hidden_size"):
+        if hasattr(method, key):
+            _positive(problems, f"method.{key}", getattr(method, key))
+    for key, valid in METHOD_CHOICES.items():
+        if hasattr(method, key):
+            _choice(problems, f"method.{key}", getattr(method, key), valid)
+    if method.name in ("loha", "lokr", "vera", "dylora", "ia3", "adalora") and not method.target_modules:
+        problems.append(f"method.target_modules is empty; name the modules {method.name} adapts")
+    if method.name in ("loha", "lokr", "vera", "dylora"):
+        _positive(problems, "method.r", method.r)
+    if method.name == "adalora" and method.target_r > method.init_r:
+        problems.append(f"method.target_r ({method.target_r}) must be <= method.init_r ({method.init_r})")
+    if method.name == "adalora" and method.tinit + method.tfinal >= 1:
+        problems.append(f"method.tinit + method.tfinal must be < 1 (got {method.tinit} + {method.tfinal}): "
+                        "AdaLoRA needs steps between them to reallocate ranks")
+    if method.name == "dylora":
+        bad = [k for k in method.eval_ranks if not 1 <= k <= method.r]
+        if bad:
+            problems.append(f"method.eval_ranks must lie in 1..method.r={method.r} (got {bad})")
+        if not 0 <= method.save_rank <= method.r:
+            problems.append(f"method.save_rank must be 0 (full r) or in 1..{method.r} (got {method.save_rank})")
     if isinstance(method, FreezeConfig):
         _positive(problems, "method.trainable_layers", method.trainable_layers, allow_zero=True)
         if method.trainable_layers == 0 and not method.trainable_modules:

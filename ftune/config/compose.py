@@ -8,7 +8,7 @@ list overrides group choices). Overrides typed by the user are applied after the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -60,6 +60,7 @@ class Composed:
 
     cfg: FtuneConfig
     overrides: list[str]
+    notes: list[str] = field(default_factory=list)
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
@@ -128,12 +129,12 @@ def compose(overrides: list[str] | None = None) -> Composed:
         raise _hydra_error(exc) from None
     assert isinstance(cfg, FtuneConfig)
     cfg.recipe = recipe
-    derive(cfg)
+    notes = derive(cfg)
     problems = validate(cfg)
     if problems:
         raise FtuneError(f"the config of recipe '{recipe}' has {len(problems)} problem(s):", problems,
                          "Fix them in the YAML or override on the command line, e.g. method.r=16.")
-    return Composed(cfg, [f"recipe={recipe}", *rest])
+    return Composed(cfg, [f"recipe={recipe}", *rest], notes)
 
 
 def load_saved(path: Path) -> FtuneConfig:

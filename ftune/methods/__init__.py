@@ -1,23 +1,71 @@
-"""Methods decide what is trained: `apply(model, cfg)` returns the model ready for training.
+"""Methods decide what is trained: `apply(model, cfg, setup)` returns the model ready to train.
 
-Each method registers under its config name (configs/method/<name>.yaml).
+Each method registers under its schema name (configs/method/<file>.yaml names the schema). A method
+may also give the trainer step hooks (AdaLoRA's budget update, DyLoRA's rank sampling) and a
+learning-rate scale per parameter (LoRA+).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import torch
 
 from ftune.registry import Registry
 
-MethodFn = Callable[[Any, Any], Any]
+MethodFn = Callable[[Any, Any, "Setup"], Any]
 METHODS: Registry[MethodFn] = Registry("method")
 
 
-def apply(model: Any, cfg: Any) -> Any:
-    """Apply cfg.method to the loaded base model (imports the method modules on first use)."""
-    from ftune.methods import full, lora  # noqa: F401  (registration side effects)
+@dataclass
+class Setup:
+    """Facts a method may need beyond its config."""
 
-    return METHODS.get(cfg.method.name, key="method")(model, cfg)
+    total_steps: int
+    model_path: str
+    notes: list[str] = field(default_factory=list)
+    """Messages for the user about what the method chose (printed at the start of the run)."""
+
+
+class StepHooks:
+    """What a method adds to each optimiser step; the default adds nothing."""
+
+    def before_step(self, model: Any, step: int) -> None:
+        """Called before the step's first forward (step counts from 0)."""
+
+    def regularizer(self, model: Any) -> torch.Tensor | None:
+        """An extra loss term added once per step (not per micro-batch)."""
+        return None
+
+    def after_optimizer_step(self, model: Any, step: int) -> None:
+        """Called after optimizer.step(), before the gradients are cleared."""
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier for the parameter `name`."""
+        return 1.0
+
+    def after_training(self, model: Any, evaluate: Callable[[], float]) -> dict:
+        """Extra results for the run summary, computed once after the last step."""
+        return {}
+
+
+HOOKS: Registry[Callable[[Any], StepHooks]] = Registry("method hooks")
+
+
+def _register_all() -> None:
+    from ftune.methods import adapters, bitfit, dylora, full, lora, peft_methods  # noqa: F401
+
+
+def apply(model: Any, cfg: Any, setup: Setup) -> Any:
+    """Apply cfg.method to the loaded base model."""
+    _register_all()
+    return METHODS.get(cfg.method.name, key="method")(model, cfg, setup)
+
+
+def hooks_for(cfg: Any) -> StepHooks:
+    _register_all()
+    return HOOKS.get(cfg.method.name)(cfg) if cfg.method.name in HOOKS else StepHooks()
 
 
 def is_peft(model: Any) -> bool:
@@ -29,3 +77,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def freeze_all(model: Any) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 
 from ftune.errors import FtuneError
-from ftune.methods import METHODS
+from ftune.methods import METHODS, freeze_all
 
 
 @METHODS.register("full")
-def apply_full(model: Any, cfg: Any) -> Any:
+def apply_full(model: Any, cfg: Any, setup: Any = None) -> Any:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -28,10 +28,9 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 
 @METHODS.register("freeze")
-def apply_freeze(model: Any, cfg: Any) -> Any:
+def apply_freeze(model: Any, cfg: Any, setup: Any = None) -> Any:
     method = cfg.method
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_all(model)
     if method.trainable_layers:
         layers = decoder_layers(model)
         for layer in layers[-min(method.trainable_layers, len(layers)):]:

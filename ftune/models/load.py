@@ -22,7 +22,9 @@ from ftune.errors import FtuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FROZEN_BASE_METHODS = ("lora", "qlora")
+# Methods that train (part of) the base weights keep them in fp32 (AdamW on bf16 weights loses
+# small updates); every other method freezes the base, which can then sit in the training precision.
+BASE_TRAINING_METHODS = ("full", "freeze", "bitfit")
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -66,9 +68,9 @@ def weight_dtype(cfg: FtuneConfig) -> torch.dtype:
     """auto: a frozen base in the training precision; trained weights stay fp32 (master weights)."""
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
-    if cfg.method.name in FROZEN_BASE_METHODS:
-        return PRECISION_DTYPES[cfg.hardware.precision]
-    return torch.float32
+    if cfg.method.name in BASE_TRAINING_METHODS:
+        return torch.float32
+    return PRECISION_DTYPES[cfg.hardware.precision]
 
 
 def pick_device(cfg: FtuneConfig) -> torch.device:

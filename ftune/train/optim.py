@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,19 +13,22 @@ from ftune.errors import FtuneError
 NO_DECAY = ("bias", "norm", "ln_")
 
 
-def param_groups(model: Any, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and norm weights are not decayed."""
-    decay, no_decay = [], []
+def param_groups(model: Any, cfg: TrainConfig, lr_scale: Callable[[str], float]) -> list[dict]:
+    """Weight decay on matrices only (biases and norm weights are not decayed); one group per
+    (decay, lr scale) pair, so a method can give some parameters a larger learning rate (LoRA+)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            decay = p.ndim >= 2 and not any(k in name.lower() for k in NO_DECAY)
+            groups.setdefault((decay, lr_scale(name)), []).append(p)
+    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+            for (decay, scale), ps in sorted(groups.items())]
 
 
-def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if not any(g["params"] for g in groups):
+def build_optimizer(model: Any, cfg: TrainConfig, lr_scale: Callable[[str], float] = lambda _: 1.0
+                    ) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, lr_scale)
+    if not groups:
         raise FtuneError("nothing to train: the method left no parameter with requires_grad")
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.optim == "adamw":

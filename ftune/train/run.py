@@ -24,8 +24,9 @@ from ftune.config.schema import FtuneConfig
 from ftune.data import templates
 from ftune.data.build import build as build_data
 from ftune.errors import FtuneError
+from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
-from ftune.methods import count_parameters, is_peft
+from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
 from ftune.train import checkpoint, objectives
 from ftune.train.metrics import MetricsLog, plot_loss
@@ -82,14 +83,6 @@ def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[d
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def save_final(model: Any, tokenizer: Any, run_dir: Path) -> Path:
-    """PEFT adapter (loadable by PeftModel.from_pretrained) or a full Hugging Face model."""
-    out = run_dir / ("adapter" if is_peft(model) else "model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def train(composed: Composed, console: Console | None = None, stop_after: int | None = None) -> dict:
     """Run one training job; returns the summary also written to <run>/summary.json."""
     cfg = composed.cfg
@@ -122,17 +115,22 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_method(model, cfg)
+    steps = total_steps(cfg.train, len(data.train))
+    base_path = model.name_or_path
+    setup = Setup(total_steps=steps, model_path=base_path)
+    model = apply_method(model, cfg, setup)
+    for note in [*composed.notes, *setup.notes]:
+        console.print(f"[yellow]note:[/] {note}")
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    steps = total_steps(cfg.train, len(data.train))
-    optimizer = build_optimizer(model, cfg.train)
+    hooks = hooks_for(cfg)
+    optimizer = build_optimizer(model, cfg.train, hooks.lr_scale)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     objective = objectives.get(cfg.stage.objective)
     parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
-                      tokenizer.pad_token_id, run_dir)
+                      tokenizer.pad_token_id, run_dir, hooks)
 
     state = FitState()
     if resume_from is not None:
@@ -155,17 +153,22 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         log.close()
         return {"stopped_at": state.step, "run_dir": str(run_dir)}
 
-    eval_after = evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+    def held_out() -> float:
+        return evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+
+    eval_after = held_out()
     log.write({"step": state.step, "eval_loss": eval_after})
     log.close()
     unwrapped = accelerator.unwrap_model(model)
-    saved_to = save_final(unwrapped, tokenizer, run_dir)
+    method_results = hooks.after_training(unwrapped, held_out)
+    saved_to = save_trained(unwrapped, tokenizer, cfg.method, base_path, run_dir / output_name(cfg.method.name))
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
         "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
+        "trainable_parameters": trainable, **method_results,
     }
     prompts = [[{"role": "user", "content": cfg.dataset.sample_prompt}]] if cfg.dataset.sample_prompt else data.eval_prompts
     if cfg.train.sample_max_new_tokens and prompts:

@@ -18,6 +18,7 @@ import torch
 
 from ftune.config.schema import TrainConfig
 from ftune.data.collate import collate
+from ftune.methods import StepHooks
 from ftune.train import checkpoint
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives.causal_lm import count_targets
@@ -71,22 +72,31 @@ def evaluate(model: Any, objective: Callable, samples: list[dict], mbs: int, pad
 
 
 def train_step(model: Any, objective: Callable, batches: list[dict], accelerator: Any, optimizer: Any,
-               scheduler: Any, max_grad_norm: float) -> dict[str, float]:
+               scheduler: Any, max_grad_norm: float, hooks: StepHooks | None = None, step: int = 0
+               ) -> dict[str, float]:
     """One optimiser step over several micro-batches; returns the step's metrics."""
+    hooks = hooks or StepHooks()
+    inner = accelerator.unwrap_model(model)
+    hooks.before_step(inner, step)
     n_targets = sum(count_targets(b) for b in batches)
     loss_total = 0.0
     for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
         # Skip the gradient all-reduce on all but the last micro-batch (a no-op in one process).
-        sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
+        with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 loss_sum, _ = objective(model, batch)
-            accelerator.backward(loss_sum / n_targets)
+                loss = loss_sum / n_targets
+                extra = hooks.regularizer(inner) if last else None
+                if extra is not None:  # once per step, not once per micro-batch
+                    loss = loss + extra
+            accelerator.backward(loss)
         loss_total += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(params, clip)
     optimizer.step()
+    hooks.after_optimizer_step(inner, step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total / n_targets, "grad_norm": float(grad_norm),
@@ -118,6 +128,7 @@ class LoopParts:
     eval: list[dict]
     pad_id: int
     run_dir: Path
+    hooks: StepHooks
 
 
 def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, progress: Any,
@@ -133,7 +144,7 @@ def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, pr
         batches = [to_device(collate([parts.train[i] for i in order.micro(m)], parts.pad_id), parts.accelerator.device)
                    for m in range(first, first + cfg.grad_accum)]
         metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
-                             parts.scheduler, cfg.max_grad_norm)
+                             parts.scheduler, cfg.max_grad_norm, parts.hooks, state.step)
         elapsed = time.perf_counter() - start
         state.step += 1
         state.tokens += metrics["tokens"]

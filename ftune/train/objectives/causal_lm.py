@@ -23,6 +23,8 @@ def causal_lm(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, target token count) for one micro-batch."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs, use_cache=False).logits
+    # Soft-prompt methods prepend virtual tokens to the output; keep the positions of the input.
+    logits = logits[:, -batch["labels"].shape[1]:]
     # Shift: the logits at position t predict the token at t+1. fp32 for a stable log-softmax.
     logits = logits[:, :-1, :].float()
     labels = batch["labels"][:, 1:]

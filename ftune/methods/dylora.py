@@ -1,0 +1,107 @@
+"""DyLoRA (Valipour et al. 2023), our own module: no library implements it.
+
+Each target linear layer gets A (r x in) and B (out x r). Every training step samples one rank
+b in 1..r for the whole model and uses only the first b rows of A and columns of B, scaled by
+alpha / b. Because every prefix of the ranks is trained to work on its own, after one run the
+adapter can be evaluated at, cut to, or merged at any rank <= r without retraining.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ftune.errors import FtuneError
+from ftune.methods import HOOKS, METHODS, Setup, StepHooks, freeze_all
+
+
+class DyLoraLinear(nn.Module):
+    """base(x) + (alpha / b) * B[:, :b] A[:b] x, with the active rank b set from outside."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base, self.r, self.alpha, self.rank = base, r, alpha, r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self, rank: int) -> torch.Tensor:
+        return (self.alpha / rank) * self.lora_B[:, :rank] @ self.lora_A[:rank]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.rank
+        out = self.base(x)
+        update = (x.to(self.lora_A.dtype) @ self.lora_A[:b].T) @ self.lora_B[:, :b].T
+        return out + (self.alpha / b) * update.to(out.dtype)
+
+
+def dylora_layers(model: Any) -> list[DyLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, DyLoraLinear)]
+
+
+def set_rank(model: Any, rank: int) -> None:
+    for layer in dylora_layers(model):
+        if not 1 <= rank <= layer.r:
+            raise FtuneError(f"dylora: rank {rank} is outside 1..{layer.r}")
+        layer.rank = rank
+
+
+@METHODS.register("dylora")
+def apply_dylora(model: Any, cfg: Any, setup: Setup) -> Any:
+    m = cfg.method
+    freeze_all(model)
+    wanted = set(m.target_modules)
+    targets = [(parent, child) for parent in model.modules() for child, mod in parent.named_children()
+               if child in wanted and isinstance(mod, nn.Linear)]
+    if not targets:
+        raise FtuneError(f"method.target_modules: no linear layer named {', '.join(sorted(wanted))}")
+    for parent, child in targets:
+        setattr(parent, child, DyLoraLinear(getattr(parent, child), m.r, m.alpha))
+    return model
+
+
+class DyLoraHooks(StepHooks):
+    """Sample the step's rank before the forward; back to the full rank for evaluation."""
+
+    def __init__(self, cfg: Any):
+        self.r = cfg.method.r
+        self.eval_ranks = list(cfg.method.eval_ranks)
+
+    def before_step(self, model: Any, step: int) -> None:
+        # torch's global RNG: restored on resume, so the rank sequence is reproducible.
+        set_rank(model, int(torch.randint(1, self.r + 1, (1,))))
+
+    def after_optimizer_step(self, model: Any, step: int) -> None:
+        set_rank(model, self.r)
+
+    def after_training(self, model: Any, evaluate: Callable[[], float]) -> dict:
+        losses = evaluate_ranks(model, self.eval_ranks, evaluate)
+        return {"eval_loss_by_rank": {str(k): v for k, v in losses.items()}}
+
+
+HOOKS.register("dylora")(DyLoraHooks)
+
+
+def evaluate_ranks(model: Any, ranks: list[int], evaluate: Callable[[], float]) -> dict[int, float]:
+    """Held-out loss at each rank (the point of DyLoRA: one run, every rank usable)."""
+    full = dylora_layers(model)[0].r
+    out = {}
+    for rank in ranks:
+        if rank <= full:
+            set_rank(model, rank)
+            out[rank] = evaluate()
+    set_rank(model, full)
+    return out
+
+
+def truncated_state(model: Any, rank: int) -> dict[str, torch.Tensor]:
+    """The adapter tensors cut to `rank` (a rank-`rank` DyLoRA adapter)."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DyLoraLinear):
+            state[f"{name}.lora_A"] = module.lora_A[:rank].detach().contiguous().cpu()
+            state[f"{name}.lora_B"] = module.lora_B[:, :rank].detach().contiguous().cpu()
+    return state
