@@ -255,8 +255,8 @@ class DyLoraConfig(MethodConfig):
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                               "up_proj", "down_proj"])
     """Modules to adapt."""
-    eval_ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    """Ranks evaluated on the held-out set after training."""
+    eval_ranks: list[int] = field(default_factory=list)
+    """Ranks evaluated on the held-out set after training (empty: 1, 2, 4, … up to r, and r)."""
     save_rank: int = 0
     """Rank of the saved adapter (0: the full r)."""
 

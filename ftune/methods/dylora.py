@@ -38,6 +38,10 @@ class DyLoraLinear(nn.Module):
         return out + (self.alpha / b) * update.to(out.dtype)
 
 
+def default_eval_ranks(r: int) -> list[int]:
+    return sorted({2 ** i for i in range(r.bit_length()) if 2 ** i <= r} | {r})
+
+
 def dylora_layers(model: Any) -> list[DyLoraLinear]:
     return [m for m in model.modules() if isinstance(m, DyLoraLinear)]
 
@@ -68,7 +72,7 @@ class DyLoraHooks(StepHooks):
 
     def __init__(self, cfg: Any):
         self.r = cfg.method.r
-        self.eval_ranks = list(cfg.method.eval_ranks)
+        self.eval_ranks = list(cfg.method.eval_ranks) or default_eval_ranks(self.r)
 
     def before_step(self, model: Any, step: int) -> None:
         # torch's global RNG: restored on resume, so the rank sequence is reproducible.

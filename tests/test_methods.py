@@ -1,0 +1,166 @@
+"""Every method on the tiny model (hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads of 16):
+it trains, exactly the intended tensors change, the trainable count matches the method's formula,
+and the saved result reloads (in plain peft where peft knows the method) with identical outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ftune.config.compose import compose
+from ftune.data.build import build
+from ftune.data.collate import collate
+from ftune.methods import Setup, count_parameters, hooks_for, is_peft
+from ftune.methods import apply as apply_method
+from ftune.methods.saving import load_trained, save_trained
+from ftune.models import load as model_load
+from ftune.train.objectives.causal_lm import causal_lm
+from ftune.train.optim import build_optimizer, build_scheduler
+from ftune.train.run import make_accelerator
+from ftune.train.trainer import train_step
+
+H, I, L, KV = 64, 128, 2, 32  # hidden, intermediate, layers, key/value width (2 heads x 16)
+# in+out of each projection of one layer
+Q, K, V, O, GATE, UP, DOWN = H + H, H + KV, H + KV, H + H, H + I, H + I, I + H
+ALL = Q + K + V + O + GATE + UP + DOWN
+
+# method -> (overrides, expected trainable parameter count from the method's definition)
+METHODS = {
+    "lora": (["method.r=4"], L * 4 * ALL),
+    "lora-attn": (["method.r=4"], L * 4 * (Q + K + V + O)),
+    "bitfit": ([], L * 2 * H + H),  # no biases in Llama: the two RMSNorms per layer + the final one
+    "prompt": (["method.num_virtual_tokens=5"], 5 * H),
+    "ptuning": (["method.num_virtual_tokens=5", "method.encoder_hidden_size=32"],
+                5 * H + (H * 32 + 32) + (32 * 32 + 32) + (32 * H + H)),  # embedding + 3-layer MLP
+    "prefix": (["method.num_virtual_tokens=5", "method.encoder_hidden_size=32"],
+               5 * KV + (KV * 32 + 32) + (32 * L * 2 * KV + L * 2 * KV)),  # embedding + MLP to all layers' K,V
+    "ptuning-v2": (["method.num_virtual_tokens=5"], 5 * L * 2 * KV),
+    "adapter": (["method.bottleneck=8"], L * 2 * ((H * 8 + 8) + (8 * H + H))),
+    "ia3": ([], L * (KV + KV + I)),  # k and v outputs, down_proj input
+    "loha": (["method.r=4"], L * 2 * 4 * (Q + K + V + O)),
+    "lokr": (["method.r=4"], None),  # factor shapes chosen by peft; count checked > 0 only
+    "adalora": (["method.init_r=6", "method.target_r=2"], L * 6 * (ALL + 7)),  # A, B and E (6) per module
+    "dylora": (["method.r=8"], L * 8 * ALL),
+    "vera": (["method.r=16"], L * ((16 + H) + (16 + KV))),  # d (r) and b (out) vectors for q and v
+}
+
+
+def _setup(tiny_overrides, method, extra):
+    cfg = compose([*tiny_overrides, f"method={method}", *extra, "dataset.packing=false"]).cfg
+    torch.manual_seed(0)
+    model, tok = model_load.load(cfg, torch.device("cpu"))
+    model = apply_method(model, cfg, Setup(total_steps=4, model_path=str(cfg.model.path)))
+    return cfg, model, tok
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_exactly_its_parameters(method, tiny_overrides):
+    extra, expected = METHODS[method]
+    cfg, model, tok = _setup(tiny_overrides, method, [*extra, "train.lr=1e-2", "train.max_steps=4"])
+    trainable, total = count_parameters(model)
+    if expected is not None:
+        assert trainable == expected
+    assert 0 < trainable < total
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    samples = build(cfg.dataset, "sft", 0, tok).train[:8]
+    accelerator = make_accelerator(cfg, torch.device("cpu"))
+    hooks = hooks_for(cfg)
+    optimizer = build_optimizer(model, cfg.train, hooks.lr_scale)
+    scheduler = build_scheduler(optimizer, cfg.train, 4)
+    losses = []
+    for step in range(4):
+        batch = collate(samples[(step % 2) * 4:(step % 2) * 4 + 4], tok.pad_token_id)
+        losses.append(train_step(model, causal_lm, [batch], accelerator, optimizer, scheduler, 1.0, hooks, step)["loss"])
+    assert all(x == x for x in losses)
+    params = dict(model.named_parameters())
+    changed = {n for n, p in params.items() if not torch.equal(p.detach(), before[n])}
+    if method == "adalora":  # a matrix whose whole rank budget was pruned keeps E at its zero init
+        changed |= {n for n in wanted - changed if "lora_E" in n and not params[n].any()}
+    assert changed == wanted, (sorted(wanted - changed)[:3], sorted(changed - wanted)[:3])
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lokr"])
+def test_saved_method_reloads_with_identical_outputs(method, tiny_overrides, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    extra, _ = METHODS[method]
+    cfg, model, tok = _setup(tiny_overrides, method, extra)
+    with torch.no_grad():  # stand-in for training: perturb every trainable tensor
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    out = save_trained(model, tok, cfg.method, str(tiny_model_dir), tmp_path / "saved")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, out) if is_peft(model) else load_trained(base, out)
+    got = reloaded.eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate(tiny_overrides):
+    cfg, model, _ = _setup(tiny_overrides, "lora", ["method.loraplus_lr_ratio=16", "train.lr=1e-3"])
+    optimizer = build_optimizer(model, cfg.train, hooks_for(cfg).lr_scale)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        kinds = {("lora_B" in names[id(p)]) for p in group["params"]}
+        assert len(kinds) == 1
+        assert group["lr"] == pytest.approx(1.6e-2 if kinds.pop() else 1e-3)
+
+
+def test_pissa_moves_the_principal_part_into_the_adapter(tiny_overrides, tiny_model_dir):
+    cfg, model, tok = _setup(tiny_overrides, "lora", ["method.init=pissa", "method.r=4"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok("hello world")["input_ids"]])
+    # PiSSA: base residual + adapter = original weight, so the output starts unchanged...
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # ...and B is not zero (unlike default LoRA init).
+    b = [p for n, p in model.named_parameters() if "lora_B" in n][0]
+    assert b.abs().sum() > 0
+
+
+def test_bitfit_refuses_a_bias_free_model_when_norms_are_off(tiny_overrides):
+    from ftune.errors import FtuneError
+
+    with pytest.raises(FtuneError, match="no bias terms"):
+        _setup(tiny_overrides, "bitfit", ["method.norms=never"])
+
+
+def test_soft_prompts_turn_packing_off_with_a_note(tiny_overrides):
+    composed = compose([*tiny_overrides, "method=prompt", "dataset.packing=true"])
+    assert composed.cfg.dataset.packing is False
+    assert any("packing" in note for note in composed.notes)
+
+
+def test_adalora_reallocates_ranks_during_training(tiny_overrides, tmp_path):
+    from ftune.train.run import train
+
+    summary = train(compose([*tiny_overrides, "method=adalora", "method.init_r=6", "method.target_r=2",
+                             "method.tinit=0.1", "method.tfinal=0.2", "train.max_steps=20", "train.run_name=ada",
+                             "train.lr=1e-2"]))
+    import json
+
+    adapter_cfg = json.loads((tmp_path / "outputs" / "ada" / "adapter" / "adapter_config.json").read_text())
+    ranks = list(adapter_cfg["rank_pattern"].values())
+    assert ranks, "the budget update wrote a rank pattern"
+    kept = {sum(mask) for mask in ranks}
+    assert len(kept) > 1, "final ranks differ per matrix"
+    assert all(r <= 6 for r in kept) and summary["steps"] == 20
+
+
+def test_dylora_reports_every_rank_and_saves_a_cut_adapter(tiny_overrides, tmp_path, tiny_model_dir):
+    from ftune.train.run import train
+
+    summary = train(compose([*tiny_overrides, "method=dylora", "method.r=8", "method.save_rank=4",
+                             "train.max_steps=6", "train.run_name=dy", "train.lr=1e-2"]))
+    by_rank = summary["eval_loss_by_rank"]
+    assert set(by_rank) == {"1", "2", "4", "8"}
+    assert len(set(by_rank.values())) > 1, "ranks give different models"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cut = load_trained(base, tmp_path / "outputs" / "dy" / "adapter")
+    a = [p for n, p in cut.named_parameters() if n.endswith("lora_A")][0]
+    assert a.shape[0] == 4
