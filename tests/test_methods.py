@@ -164,3 +164,42 @@ def test_dylora_reports_every_rank_and_saves_a_cut_adapter(tiny_overrides, tmp_p
     cut = load_trained(base, tmp_path / "outputs" / "dy" / "adapter")
     a = [p for n, p in cut.named_parameters() if n.endswith("lora_A")][0]
     assert a.shape[0] == 4
+
+
+MERGEABLE = ["lora", "lora-attn", "loha", "lokr", "ia3", "vera", "adalora", "dylora", "bitfit"]
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merge_equals_the_adapter(method, tiny_overrides):
+    from ftune.methods.merge import merge
+
+    extra, _ = METHODS[method]
+    cfg, model, tok = _setup(tiny_overrides, method, extra)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    expected = model(input_ids=ids).logits
+    if method == "dylora":  # merge at a chosen rank: compare with the adapter at that rank
+        from ftune.methods.dylora import set_rank
+
+        set_rank(model, 4)
+        expected = model(input_ids=ids).logits
+    merged = merge(model, method)
+    assert not is_peft(merged)
+    assert all(type(m).__name__ in {"Linear", "Embedding", "LlamaRMSNorm"} or list(m.children())
+               or not list(m.parameters(recurse=False)) for m in merged.modules())
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
+def test_merge_refuses_with_the_reason(method, tiny_overrides):
+    from ftune.errors import FtuneError
+    from ftune.methods.merge import merge
+
+    extra, _ = METHODS[method]
+    _, model, _ = _setup(tiny_overrides, method, extra)
+    with pytest.raises(FtuneError, match="cannot be merged"):
+        merge(model, method)

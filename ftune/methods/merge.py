@@ -1,0 +1,50 @@
+"""Fold a trained method into the base weights, where the maths allows it.
+
+Linear updates merge exactly: the LoRA family (LoRA, DoRA, PiSSA, LoHa, LoKr, AdaLoRA), IA3 and
+VeRA through peft's merge_and_unload, DyLoRA at its active rank, BitFit trivially (it trained base
+tensors). Soft prompts add inputs rather than change weights, and bottleneck adapters have a
+non-linearity between their projections: those are refused with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftune.errors import FtuneError
+from ftune.methods import is_peft
+
+NOT_MERGEABLE = {
+    "prompt": "prompt tuning adds virtual input tokens; there is no weight change to fold in",
+    "ptuning": "p-tuning adds virtual input tokens; there is no weight change to fold in",
+    "prefix": "prefix tuning adds key/value prefixes to every layer; there is no weight change to fold in",
+    "ptuning-v2": "p-tuning v2 adds key/value prefixes to every layer; there is no weight change to fold in",
+    "adapter": "bottleneck adapters apply a non-linearity between their projections, so they are not a "
+               "linear change of any base weight",
+}
+
+
+def merge(model: Any, method_name: str) -> Any:
+    """A plain transformers model with the method folded in (the input model is modified)."""
+    if method_name in NOT_MERGEABLE:
+        raise FtuneError(f"method={method_name} cannot be merged: {NOT_MERGEABLE[method_name]}",
+                         hint="Use the adapter as it is (peft loads it), or train a LoRA-family method to merge.")
+    if is_peft(model):
+        return model.merge_and_unload()
+    if method_name == "dylora":
+        return merge_dylora(model)
+    return model  # full, freeze, bitfit: the trained tensors already are base tensors
+
+
+def merge_dylora(model: Any) -> Any:
+    from ftune.methods.dylora import DyLoraLinear
+
+    for parent in list(model.modules()):
+        for child, module in list(parent.named_children()):
+            if isinstance(module, DyLoraLinear):
+                base = module.base
+                with torch.no_grad():
+                    base.weight += module.delta_weight(module.rank).to(base.weight.dtype)
+                setattr(parent, child, base)
+    return model
