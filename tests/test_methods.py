@@ -43,6 +43,9 @@ METHODS = {
     "adalora": (["method.init_r=6", "method.target_r=2"], L * 6 * (ALL + 7)),  # A, B and E (6) per module
     "dylora": (["method.r=8"], L * 8 * ALL),
     "vera": (["method.r=16"], L * ((16 + H) + (16 + KV))),  # d (r) and b (out) vectors for q and v
+    # A sees in/32 pooled inputs: r * (in / 32 + out) per module
+    "qalora": (["method.r=4", "method.group_size=32"],
+               L * 4 * ((H // 32 + H) + (H // 32 + KV) * 2 + (H // 32 + H) + (H // 32 + I) * 2 + (I // 32 + H))),
 }
 
 
@@ -166,7 +169,7 @@ def test_dylora_reports_every_rank_and_saves_a_cut_adapter(tiny_overrides, tmp_p
     assert a.shape[0] == 4
 
 
-MERGEABLE = ["lora", "lora-attn", "loha", "lokr", "ia3", "vera", "adalora", "dylora", "bitfit"]
+MERGEABLE = ["lora", "lora-attn", "loha", "lokr", "ia3", "vera", "adalora", "dylora", "bitfit", "qalora"]
 
 
 @pytest.mark.parametrize("method", MERGEABLE)
@@ -189,8 +192,7 @@ def test_merge_equals_the_adapter(method, tiny_overrides):
         expected = model(input_ids=ids).logits
     merged = merge(model, method)
     assert not is_peft(merged)
-    assert all(type(m).__name__ in {"Linear", "Embedding", "LlamaRMSNorm"} or list(m.children())
-               or not list(m.parameters(recurse=False)) for m in merged.modules())
+    assert not [n for n, p in merged.named_parameters() if "lora" in n or "adapter" in n]
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -203,3 +205,28 @@ def test_merge_refuses_with_the_reason(method, tiny_overrides):
     _, model, _ = _setup(tiny_overrides, method, extra)
     with pytest.raises(FtuneError, match="cannot be merged"):
         merge(model, method)
+
+
+def test_qalora_merge_is_exact_and_stays_group_quantised(tiny_overrides):
+    """Merged quantised model == quantised base + adapter; codes and scales unchanged, zeros moved."""
+    from ftune.methods.merge import merge
+    from ftune.methods.qalora import GroupQuantLinear, QALoraLinear
+
+    cfg, model, tok = _setup(tiny_overrides, "qalora", ["method.r=4", "method.group_size=32"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    adapted = model(input_ids=ids).logits
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QALoraLinear)
+    codes, scale, zero = layer.base.codes.clone(), layer.base.scale.clone(), layer.base.zero.clone()
+    # the base really is INT4: 16 levels, dequantised close to the original weights
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    merged = merge(model, "qalora")
+    q = merged.model.layers[0].self_attn.q_proj
+    assert isinstance(q, GroupQuantLinear)
+    assert torch.equal(q.codes, codes) and torch.equal(q.scale, scale) and not torch.equal(q.zero, zero)
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)

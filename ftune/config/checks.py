@@ -97,8 +97,12 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
             _choice(problems, f"method.{key}", getattr(method, key), valid)
     if method.name in ("loha", "lokr", "vera", "dylora", "ia3", "adalora") and not method.target_modules:
         problems.append(f"method.target_modules is empty; name the modules {method.name} adapts")
-    if method.name in ("loha", "lokr", "vera", "dylora"):
+    if method.name in ("loha", "lokr", "vera", "dylora", "qalora"):
         _positive(problems, "method.r", method.r)
+    if method.name == "qalora":
+        _positive(problems, "method.group_size", method.group_size)
+        if not 2 <= method.bits <= 8:
+            problems.append(f"method.bits must be in 2..8 (got {method.bits})")
     if method.name == "adalora" and method.target_r > method.init_r:
         problems.append(f"method.target_r ({method.target_r}) must be <= method.init_r ({method.init_r})")
     if method.name == "adalora" and method.tinit + method.tfinal >= 1:

@@ -277,6 +277,25 @@ class VeraConfig(MethodConfig):
     """Seed of the shared random matrices."""
 
 
+@dataclass
+class QALoraConfig(MethodConfig):
+    """QA-LoRA (Xu et al. 2023): INT4 group-quantised base; LoRA on the group-pooled input, so the
+    update merges exactly into the group zero-points and the merged model stays quantised."""
+
+    name: str = "qalora"
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator (alpha / r)."""
+    group_size: int = 32
+    """Input columns per quantisation group (must divide every target layer's input width)."""
+    bits: int = 4
+    """Bits per quantised weight (2..8)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
+    """Modules quantised and adapted."""
+
+
 # ----------------------------------------------------------------------------- dataset
 @dataclass
 class SourceConfig:
@@ -441,7 +460,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "method": {"full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig,
                "bitfit": BitFitConfig, "prompt": PromptConfig, "ptuning": PTuningConfig, "prefix": PrefixConfig,
                "ptuning-v2": PTuningV2Config, "adapter": AdapterConfig, "ia3": IA3Config, "loha": LoHaConfig,
-               "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig},
+               "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig},
     "dataset": {"dataset": DatasetConfig},
     "stage": {"stage": StageConfig},
     "hardware": {"hardware": HardwareConfig},

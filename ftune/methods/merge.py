@@ -1,8 +1,8 @@
 """Fold a trained method into the base weights, where the maths allows it.
 
 Linear updates merge exactly: the LoRA family (LoRA, DoRA, PiSSA, LoHa, LoKr, AdaLoRA), IA3 and
-VeRA through peft's merge_and_unload, DyLoRA at its active rank, BitFit trivially (it trained base
-tensors). Soft prompts add inputs rather than change weights, and bottleneck adapters have a
+VeRA through peft's merge_and_unload, DyLoRA at its active rank, QA-LoRA into the group
+zero-points (the result stays quantised), BitFit trivially (it trained base tensors). Soft prompts add inputs rather than change weights, and bottleneck adapters have a
 non-linearity between their projections: those are refused with the reason.
 """
 
@@ -34,6 +34,10 @@ def merge(model: Any, method_name: str) -> Any:
         return model.merge_and_unload()
     if method_name == "dylora":
         return merge_dylora(model)
+    if method_name == "qalora":
+        from ftune.methods.qalora import merge_qalora
+
+        return merge_qalora(model)
     return model  # full, freeze, bitfit: the trained tensors already are base tensors
 
 
