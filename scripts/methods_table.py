@@ -51,6 +51,7 @@ METHODS = {
     "vera": ("low-rank", 1e-2, []),
     "qlora": ("low-rank", 5e-4, []),
     "qalora": ("low-rank", 5e-4, []),
+    "longlora": ("low-rank", 5e-4, UNPACKED),
 }
 
 

@@ -43,6 +43,7 @@ METHODS = {
     "adalora": (["method.init_r=6", "method.target_r=2"], L * 6 * (ALL + 7)),  # A, B and E (6) per module
     "dylora": (["method.r=8"], L * 8 * ALL),
     "vera": (["method.r=16"], L * ((16 + H) + (16 + KV))),  # d (r) and b (out) vectors for q and v
+    "longlora": (["method.r=4"], None),  # checked in test_longlora_trains_lora_embeddings_and_norms
     # A sees in/32 pooled inputs: r * (in / 32 + out) per module
     "qalora": (["method.r=4", "method.group_size=32"],
                L * 4 * ((H // 32 + H) + (H // 32 + KV) * 2 + (H // 32 + H) + (H // 32 + I) * 2 + (I // 32 + H))),
@@ -84,7 +85,7 @@ def test_method_trains_exactly_its_parameters(method, tiny_overrides):
     assert changed == wanted, (sorted(wanted - changed)[:3], sorted(changed - wanted)[:3])
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "lokr"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("lokr", "longlora")])
 def test_saved_method_reloads_with_identical_outputs(method, tiny_overrides, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
@@ -230,3 +231,28 @@ def test_qalora_merge_is_exact_and_stays_group_quantised(tiny_overrides):
     assert isinstance(q, GroupQuantLinear)
     assert torch.equal(q.codes, codes) and torch.equal(q.scale, scale) and not torch.equal(q.zero, zero)
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_longlora_trains_lora_embeddings_and_norms_with_s2_attention(tiny_overrides, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from ftune.methods.longlora import ATTENTION_NAME, scale_rope
+
+    cfg, model, tok = _setup(tiny_overrides, "longlora", ["method.r=4", "method.context_factor=2"])
+    trainable, _ = count_parameters(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert trainable == L * 4 * (Q + K + V + O) + vocab * H + (L * 2 * H + H)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 2.0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    expected = model(input_ids=ids).logits
+    out = save_trained(model, tok, cfg.method, str(tiny_model_dir), tmp_path / "saved")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    scale_rope(base, 2.0)  # a user reloading in plain peft sets the same RoPE scaling
+    got = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -99,6 +99,14 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
         problems.append(f"method.target_modules is empty; name the modules {method.name} adapts")
     if method.name in ("loha", "lokr", "vera", "dylora", "qalora"):
         _positive(problems, "method.r", method.r)
+    if method.name == "longlora":
+        if method.context_factor < 1:
+            problems.append(f"method.context_factor must be >= 1 (got {method.context_factor})")
+        if not 0 < method.group_fraction <= 1:
+            problems.append(f"method.group_fraction must be in (0, 1] (got {method.group_fraction})")
+        if cfg.dataset.packing:
+            problems.append("method=longlora: S²-Attn shifts tokens across the row, which would mix packed "
+                            "samples; set dataset.packing=false (one long sample per row)")
     if method.name == "qalora":
         _positive(problems, "method.group_size", method.group_size)
         if not 2 <= method.bits <= 8:

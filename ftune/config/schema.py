@@ -296,6 +296,30 @@ class QALoraConfig(MethodConfig):
     """Modules quantised and adapted."""
 
 
+@dataclass
+class LongLoraConfig(MethodConfig):
+    """LongLoRA (Chen et al. 2024): LoRA + trainable embeddings and norms, shifted sparse attention
+    while training, and linear RoPE interpolation to a longer context."""
+
+    name: str = "longlora"
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scaling numerator (alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules with LoRA adapters (the paper adapts the attention projections)."""
+    context_factor: float = 2.0
+    """Train at this many times the model's native context (RoPE positions divided by it)."""
+    group_fraction: float = 0.25
+    """S²-Attn group size as a fraction of the sequence length (the paper uses 1/4)."""
+    train_embeddings: bool = True
+    """Train the input embeddings in full (needed to adapt to a longer context, per the paper)."""
+    train_norms: bool = True
+    """Train the normalisation layers in full."""
+
+
 # ----------------------------------------------------------------------------- dataset
 @dataclass
 class SourceConfig:
@@ -460,7 +484,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "method": {"full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig,
                "bitfit": BitFitConfig, "prompt": PromptConfig, "ptuning": PTuningConfig, "prefix": PrefixConfig,
                "ptuning-v2": PTuningV2Config, "adapter": AdapterConfig, "ia3": IA3Config, "loha": LoHaConfig,
-               "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig},
+               "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig,
+               "longlora": LongLoraConfig},
     "dataset": {"dataset": DatasetConfig},
     "stage": {"stage": StageConfig},
     "hardware": {"hardware": HardwareConfig},

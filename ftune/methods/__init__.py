@@ -54,7 +54,7 @@ HOOKS: Registry[Callable[[Any], StepHooks]] = Registry("method hooks")
 
 
 def _register_all() -> None:
-    from ftune.methods import adapters, bitfit, dylora, full, lora, peft_methods, qalora  # noqa: F401
+    from ftune.methods import adapters, bitfit, dylora, full, longlora, lora, peft_methods, qalora  # noqa: F401
 
 
 def apply(model: Any, cfg: Any, setup: Setup) -> Any:
