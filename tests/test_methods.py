@@ -256,3 +256,20 @@ def test_longlora_trains_lora_embeddings_and_norms_with_s2_attention(tiny_overri
     scale_rope(base, 2.0)  # a user reloading in plain peft sets the same RoPE scaling
     got = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+@pytest.mark.parametrize("method", sorted(set(METHODS) | {"full", "freeze", "qlora"}))
+def test_every_method_runs_both_stages_end_to_end(method, stage, tiny_overrides):
+    import importlib.util
+
+    from ftune.train.run import train
+
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    extra, _ = METHODS.get(method, ([], None))
+    data = ["dataset=smol-corpus", "stage=pt"] if stage == "pt" else []
+    packing = ["dataset.packing=false"] if method == "longlora" else []
+    summary = train(compose([*tiny_overrides, f"method={method}", *extra, *data, *packing, "train.max_steps=2",
+                             f"train.run_name={method}-{stage}", "dataset.eval_max_rows=8"]))
+    assert summary["steps"] == 2 and summary["eval_loss_after"] == summary["eval_loss_after"]
