@@ -55,6 +55,42 @@ METHODS = {
 }
 
 
+NOTES = """## Choosing and using a method
+
+`ftune train method=<name>` with any recipe; every knob is documented in `configs/method/<name>.yaml`.
+
+| method | what is trained | saved as | merge (`ftune.methods.merge.merge`) |
+|---|---|---|---|
+| full, freeze | all weights / the last N layers | Hugging Face model | nothing to merge |
+| bitfit | biases; norms on bias-free models (with a notice) | ftune adapter folder | trivially (base tensors) |
+| prompt, ptuning, prefix, ptuning-v2 | virtual tokens / their encoder / per-layer K,V prefixes | peft | refused: adds inputs, changes no weight |
+| adapter | Houlsby bottlenecks after attention and/or MLP | ftune adapter folder | refused: non-linear |
+| ia3 | rescaling vectors of K, V and FFN activations | peft | exact (peft) |
+| lora, lora-attn (+ DoRA, rsLoRA, PiSSA, LoRA+) | low-rank A, B | peft | exact (peft) |
+| loha, lokr, adalora, vera | Hadamard / Kronecker / SVD-form / scaling vectors | peft | exact (peft) |
+| dylora | A, B trained at a random rank each step | ftune adapter folder (cut to `save_rank`) | exact at the active rank |
+| qlora | LoRA on a 4-bit NF4 base | peft | through peft on a dequantised base |
+| qalora | LoRA on the group-pooled input of an INT4 group-quantised base | ftune adapter folder | exact, into the group zero-points: the merged model stays INT4 |
+| longlora | LoRA on attention + embeddings + norms, S²-Attn, RoPE x context_factor | peft (set the same RoPE scaling when reloading) | exact for the LoRA part (peft) |
+
+ftune adapter folders (`ftune_adapter.json` + `adapter.safetensors`) load with
+`ftune.methods.saving.load_trained(base_model, folder)`. peft folders load with
+`PeftModel.from_pretrained(base_model, folder)` and no ftune installed.
+
+DyLoRA evaluates the held-out loss at every rank in `method.eval_ranks` (default 1, 2, 4, … r) after
+one run and writes it to `summary.json` (`eval_loss_by_rank`); `method.save_rank` cuts the saved adapter.
+AdaLoRA's budget update runs after every optimiser step; the final per-matrix ranks are in the saved
+`adapter_config.json` (`rank_pattern`).
+
+**Mixed methods (MAM adapter, UniPELT) are not supported yet.** `method` is one config group with
+one typed schema per choice, so a run has exactly one method. Stacking needs a list of methods in
+the schema (`methods: [{name: prefix, …}, {name: adapter, …}]`), an `apply` that composes them in
+order, save/load that writes each part, and merge rules for the combination. peft itself mixes
+only LoRA-family adapters (PeftMixedModel), not prompts with adapters, so the mixed save format
+would be ftune's own. This is the change to make when a user needs it.
+"""
+
+
 def run_one(name: str, tmp: Path) -> dict:
     family, lr, extra = METHODS[name]
     method = [] if any(x.startswith("method=") for x in extra) else [f"method={name}"]
@@ -95,7 +131,7 @@ def write(rows: dict) -> None:
         if "by_rank" in r:
             ranks = ", ".join(f"r={k}: {v:.3f}" for k, v in r["by_rank"].items())
             lines += ["", f"DyLoRA, one run evaluated at several ranks (held-out loss): {ranks}."]
-    lines += ["", f"<!-- rows {json.dumps(rows)} -->", ""]
+    lines += ["", NOTES, f"<!-- rows {json.dumps(rows)} -->", ""]
     OUT.write_text("\n".join(lines))
 
 
