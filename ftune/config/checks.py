@@ -33,16 +33,18 @@ def template_names() -> list[str]:
     return sorted(["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))])
 
 
-SOFT_PROMPTS = ("prompt", "ptuning", "prefix", "ptuning-v2")
+# Methods whose rows cannot be packed, and why.
+NO_PACKING = {**{m: "virtual tokens are prepended to every row" for m in ("prompt", "ptuning", "prefix", "ptuning-v2")},
+              "longlora": "S²-Attn shifts tokens across the whole row, which would mix packed samples"}
 
 
 def derive(cfg: FtuneConfig) -> list[str]:
     """Settings implied by other settings, applied once after composition; returns notes that
     tell the user what was changed."""
     notes = []
-    if cfg.method.name in SOFT_PROMPTS and cfg.dataset.packing:
+    if cfg.method.name in NO_PACKING and cfg.dataset.packing:
         cfg.dataset.packing = False
-        notes.append(f"method={cfg.method.name} prepends virtual tokens to every row, so rows are not packed "
+        notes.append(f"method={cfg.method.name}: {NO_PACKING[cfg.method.name]}, so rows are not packed "
                      "(dataset.packing=false)")
     if cfg.method.name == "qlora" and cfg.model.quantization == "none":
         cfg.model.quantization = "4bit"
@@ -104,9 +106,6 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
             problems.append(f"method.context_factor must be >= 1 (got {method.context_factor})")
         if not 0 < method.group_fraction <= 1:
             problems.append(f"method.group_fraction must be in (0, 1] (got {method.group_fraction})")
-        if cfg.dataset.packing:
-            problems.append("method=longlora: S²-Attn shifts tokens across the row, which would mix packed "
-                            "samples; set dataset.packing=false (one long sample per row)")
     if method.name == "qalora":
         _positive(problems, "method.group_size", method.group_size)
         if not 2 <= method.bits <= 8:
