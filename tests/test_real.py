@@ -40,3 +40,20 @@ def test_continue_pretraining_lowers_held_out_loss(tmp_path):
     summary = train(compose(["recipe=smollm2-lora-pt", "train.max_steps=6", "dataset.eval_max_rows=16",
                              "train.eval_every=0", f"train.output_dir={tmp_path}", "train.run_name=pt"]))
     assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
+
+
+# One short real run per method family beyond LoRA (selection, soft prompt, adapter, quantised).
+FAMILIES = {
+    "bitfit": ["train.lr=1e-3"],
+    "prompt": ["train.lr=3e-2", "method.init_text=Answer in one short sentence.", "train.micro_batch_size=8"],
+    "adapter": ["train.lr=1e-3"],
+    "qalora": ["train.lr=5e-4"],
+}
+
+
+@pytest.mark.parametrize("method", list(FAMILIES))
+def test_each_method_family_lowers_held_out_loss(method, tmp_path):
+    summary = train(compose([f"method={method}", *FAMILIES[method], "train.max_steps=8", "dataset.eval_max_rows=24",
+                             "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
+                             f"train.output_dir={tmp_path}", f"train.run_name={method}"]))
+    assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
