@@ -14,6 +14,8 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    # AdaLoRA legitimately prunes some matrices to rank 0; peft mistakes those for unsharded tensors.
+    warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
     try:
         from transformers.utils import logging as hf_logging
 

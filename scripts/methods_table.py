@@ -46,7 +46,7 @@ METHODS = {
     "lora+loraplus": ("low-rank", 2e-4, ["method=lora", "method.loraplus_lr_ratio=16"]),
     "loha": ("low-rank", 1e-3, []),
     "lokr": ("low-rank", 1e-3, []),
-    "adalora": ("low-rank", 1e-3, []),
+    "adalora": ("low-rank", 5e-3, []),
     "dylora": ("low-rank", 5e-4, []),
     "vera": ("low-rank", 1e-2, []),
     "qlora": ("low-rank", 5e-4, []),

@@ -58,4 +58,4 @@ def test_tiny_model_trained_at_twice_its_context_runs(tiny_model_dir, tiny_overr
     import json
 
     cfg = json.loads((tmp_path / "outputs" / "long" / "adapter" / "adapter_config.json").read_text())
-    assert set(cfg["modules_to_save"]) == {"embed_tokens", "norm"}
+    assert {"embed_tokens", "norm"} <= set(cfg["modules_to_save"])

@@ -100,4 +100,6 @@ def apply_longlora(model: Any, cfg: Any, setup: Setup) -> Any:
     extra = (["embed_tokens"] if m.train_embeddings else []) + (["norm"] if m.train_norms else [])
     return get_peft_model(model, LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-        target_modules=list(m.target_modules), modules_to_save=extra or None))
+        target_modules=list(m.target_modules), modules_to_save=extra or None,
+        # A tied output head must follow the trained embeddings, or the two silently diverge.
+        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))))
