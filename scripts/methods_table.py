@@ -55,7 +55,14 @@ METHODS = {
 }
 
 
-NOTES = """## Choosing and using a method
+NOTES = """Reading the table: 20 steps show that each method learns, not which is best. The loss before
+training differs where a method changes the model at step 0: qlora and qalora quantise the base
+(NF4, INT4), longlora interpolates RoPE for twice the native context (of no use at 256 tokens, hence
+its high start), soft prompts add virtual tokens and are evaluated on unpacked rows. Methods with
+few parameters (vera, ia3, loha, lokr, prompt) need more steps or higher learning rates than 20
+steps allow. tokens/s count input tokens (virtual tokens excluded) on 2 CPU cores.
+
+## Choosing and using a method
 
 `ftune train method=<name>` with any recipe; every knob is documented in `configs/method/<name>.yaml`.
 

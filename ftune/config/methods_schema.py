@@ -126,6 +126,8 @@ class PTuningV2Config(MethodConfig):
     name: str = "ptuning-v2"
     num_virtual_tokens: int = 20
     """Prefix length per layer."""
+    init_std: float = 0.02
+    """Standard deviation of the initial prefixes: small, so training starts from the base model."""
 
 
 @dataclass
