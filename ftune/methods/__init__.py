@@ -82,3 +82,28 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def freeze_all(model: Any) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def wrap_linears(model: Any, names: list[str] | tuple[str, ...], wrap: Callable[[torch.nn.Linear], Any]) -> int:
+    """Replace every nn.Linear child whose attribute name is in `names` by wrap(linear)."""
+    from ftune.errors import FtuneError
+
+    wanted = set(names)
+    targets = [(parent, child) for parent in model.modules() for child, mod in parent.named_children()
+               if child in wanted and isinstance(mod, torch.nn.Linear)]
+    if not targets:
+        raise FtuneError(f"method.target_modules: no linear layer named {', '.join(sorted(wanted))} in this model",
+                         hint="Linear layers of Llama-family models: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                              "up_proj, down_proj.")
+    for parent, child in targets:
+        setattr(parent, child, wrap(getattr(parent, child)))
+    return len(targets)
+
+
+def unwrap_modules(model: Any, kind: type, unwrap: Callable[[Any], Any]) -> Any:
+    """Replace every module of type `kind` by unwrap(module) (used by merges)."""
+    for parent in list(model.modules()):
+        for child, module in list(parent.named_children()):
+            if isinstance(module, kind):
+                setattr(parent, child, unwrap(module))
+    return model

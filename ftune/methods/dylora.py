@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ftune.errors import FtuneError
-from ftune.methods import HOOKS, METHODS, Setup, StepHooks, freeze_all
+from ftune.methods import HOOKS, METHODS, Setup, StepHooks, freeze_all, wrap_linears
 
 
 class DyLoraLinear(nn.Module):
@@ -57,13 +57,7 @@ def set_rank(model: Any, rank: int) -> None:
 def apply_dylora(model: Any, cfg: Any, setup: Setup) -> Any:
     m = cfg.method
     freeze_all(model)
-    wanted = set(m.target_modules)
-    targets = [(parent, child) for parent in model.modules() for child, mod in parent.named_children()
-               if child in wanted and isinstance(mod, nn.Linear)]
-    if not targets:
-        raise FtuneError(f"method.target_modules: no linear layer named {', '.join(sorted(wanted))}")
-    for parent, child in targets:
-        setattr(parent, child, DyLoraLinear(getattr(parent, child), m.r, m.alpha))
+    wrap_linears(model, m.target_modules, lambda linear: DyLoraLinear(linear, m.r, m.alpha))
     return model
 
 

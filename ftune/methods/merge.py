@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ftune.errors import FtuneError
-from ftune.methods import is_peft
+from ftune.methods import is_peft, unwrap_modules
 
 NOT_MERGEABLE = {
     "prompt": "prompt tuning adds virtual input tokens; there is no weight change to fold in",
@@ -44,11 +44,9 @@ def merge(model: Any, method_name: str) -> Any:
 def merge_dylora(model: Any) -> Any:
     from ftune.methods.dylora import DyLoraLinear
 
-    for parent in list(model.modules()):
-        for child, module in list(parent.named_children()):
-            if isinstance(module, DyLoraLinear):
-                base = module.base
-                with torch.no_grad():
-                    base.weight += module.delta_weight(module.rank).to(base.weight.dtype)
-                setattr(parent, child, base)
-    return model
+    def fold(module: DyLoraLinear) -> torch.nn.Linear:
+        with torch.no_grad():
+            module.base.weight += module.delta_weight(module.rank).to(module.base.weight.dtype)
+        return module.base
+
+    return unwrap_modules(model, DyLoraLinear, fold)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, Setup, freeze_all
+from ftune.methods import METHODS, Setup, freeze_all, unwrap_modules, wrap_linears
 
 
 class GroupQuantLinear(nn.Module):
@@ -90,20 +90,10 @@ class QALoraLinear(nn.Module):
 def apply_qalora(model: Any, cfg: Any, setup: Setup) -> Any:
     m = cfg.method
     freeze_all(model)
-    wanted = set(m.target_modules)
-    targets = [(parent, child) for parent in model.modules() for child, mod in parent.named_children()
-               if child in wanted and isinstance(mod, nn.Linear)]
-    if not targets:
-        raise FtuneError(f"method.target_modules: no linear layer named {', '.join(sorted(wanted))}")
-    for parent, child in targets:
-        quantised = GroupQuantLinear.from_linear(getattr(parent, child), m.group_size, m.bits)
-        setattr(parent, child, QALoraLinear(quantised, m.r, m.alpha))
+    wrap_linears(model, m.target_modules,
+                 lambda linear: QALoraLinear(GroupQuantLinear.from_linear(linear, m.group_size, m.bits), m.r, m.alpha))
     return model
 
 
 def merge_qalora(model: Any) -> Any:
-    for parent in list(model.modules()):
-        for child, module in list(parent.named_children()):
-            if isinstance(module, QALoraLinear):
-                setattr(parent, child, module.merged())
-    return model
+    return unwrap_modules(model, QALoraLinear, lambda module: module.merged())
