@@ -30,7 +30,7 @@ def bot(c: str) -> dict:
 
 
 def test_formats_cover_every_converter():
-    assert set(formats.FORMATS) == {"text", "alpaca", "qa", "messages", "sharegpt"}
+    assert set(formats.FORMATS) == {"text", "alpaca", "qa", "messages", "sharegpt", "preference"}
     assert set(formats.CONVERTERS) == set(formats.FORMATS)
 
 

@@ -15,7 +15,7 @@ from ftune.methods import Setup, count_parameters, hooks_for, is_peft
 from ftune.methods import apply as apply_method
 from ftune.methods.saving import load_trained, save_trained
 from ftune.models import load as model_load
-from ftune.train.objectives.causal_lm import causal_lm
+from ftune.train.objectives.causal_lm import CAUSAL_LM, causal_lm
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.run import make_accelerator
 from ftune.train.trainer import train_step
@@ -78,7 +78,7 @@ def test_method_trains_exactly_its_parameters(method, tiny_overrides):
     losses = []
     for step in range(4):
         batch = collate(samples[(step % 2) * 4:(step % 2) * 4 + 4], tok.pad_token_id)
-        losses.append(train_step(model, causal_lm, [batch], accelerator, optimizer, scheduler, 1.0, hooks, step)["loss"])
+        losses.append(train_step(model, CAUSAL_LM, [batch], accelerator, optimizer, scheduler, 1.0, hooks, step)["loss"])
     assert all(x == x for x in losses)
     params = dict(model.named_parameters())
     changed = {n for n, p in params.items() if not torch.equal(p.detach(), before[n])}

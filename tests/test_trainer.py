@@ -13,7 +13,7 @@ from ftune.data.collate import collate
 from ftune.methods import apply as apply_method
 from ftune.methods import count_parameters
 from ftune.models import load as model_load
-from ftune.train.objectives.causal_lm import causal_lm
+from ftune.train.objectives.causal_lm import CAUSAL_LM, causal_lm
 from ftune.methods import Setup
 from ftune.methods.saving import save_trained
 from ftune.train.run import make_accelerator, train
@@ -47,7 +47,7 @@ def _one_sgd_step(model, batches, cfg):
     accelerator = make_accelerator(cfg, torch.device("cpu"))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    metrics = train_step(model, causal_lm, batches, accelerator, opt, sched, max_grad_norm=0)
+    metrics = train_step(model, CAUSAL_LM, batches, accelerator, opt, sched, max_grad_norm=0)
     return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -164,7 +164,7 @@ def test_qlora_gradients_survive_a_held_out_evaluation(tiny_overrides):
         accelerator = make_accelerator(cfg, torch.device("cpu"))
         batch = collate(samples, tok.pad_token_id)
         if run_eval_first:
-            evaluate(model, causal_lm, samples, 4, tok.pad_token_id, accelerator)
+            evaluate(model, CAUSAL_LM, samples, 4, tok.pad_token_id, accelerator)
         model.train()
         with accelerator.autocast():
             loss, n = causal_lm(model, batch)

@@ -26,7 +26,11 @@ METHOD_CHOICES = {"encoder": ("mlp", "lstm"), "placement": ("attn", "mlp", "both
                   "activation": ("gelu", "relu", "silu"), "norms": ("auto", "always", "never"),
                   "init": ("default", "gaussian", "pissa")}
 # Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
-STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",)}
+STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",)}
+DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo")
+# Methods whose model can run with the adapter disabled (the free DPO reference).
+PEFT_METHODS = ("lora", "lora-attn", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
+                "adalora", "vera", "longlora")
 
 
 def template_names() -> list[str]:
@@ -52,6 +56,9 @@ def derive(cfg: FtuneConfig) -> list[str]:
         cfg.dataset.template = cfg.model.template
     if cfg.stage.name == "pt":
         cfg.dataset.train_on = "all"
+    if cfg.stage.name == "dpo" and cfg.dataset.packing:
+        cfg.dataset.packing = False
+        notes.append("stage=dpo compares whole answers pair by pair, so rows are not packed (dataset.packing=false)")
     return notes
 
 
@@ -140,6 +147,9 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():
             problems.append(f"{key}.path: file {path} does not exist")
+        if (cfg.stage.name == "dpo") != (src.format == "preference"):
+            problems.append(f"{key}.format={src.format}: stage=dpo needs format=preference (prompt, chosen, "
+                            f"rejected), and format=preference needs stage=dpo (got stage={cfg.stage.name})")
         if cfg.stage.name == "sft" and src.format == "text":
             problems.append(f"{key}.format=text has no prompt/answer turns; use stage=pt for raw text, "
                             "or an instruction format (alpaca, qa, messages, sharegpt) for sft")
@@ -158,6 +168,15 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
 def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
     _choice(problems, "stage.name", cfg.stage.name, sorted(STAGE_OBJECTIVES))
     _choice(problems, "stage.objective", cfg.stage.objective, STAGE_OBJECTIVES.get(cfg.stage.name, ("causal_lm",)))
+    if cfg.stage.name == "dpo":
+        stage = cfg.stage
+        _choice(problems, "stage.loss", stage.loss, DPO_LOSSES)
+        _positive(problems, "stage.beta", stage.beta)
+        if stage.loss == "cdpo" and not 0 < stage.label_smoothing < 0.5:
+            problems.append(f"stage.label_smoothing must be in (0, 0.5) for stage.loss=cdpo (got {stage.label_smoothing})")
+        if stage.loss not in ("simpo", "orpo") and cfg.method.name not in PEFT_METHODS:
+            problems.append(f"stage.loss={stage.loss} needs a reference model: with method={cfg.method.name} there is "
+                            "no adapter to disable; use an adapter method (lora, …) or stage.loss=simpo|orpo")
     hw = cfg.hardware
     _choice(problems, "hardware.device", hw.device, ("auto", "cpu", "cuda"))
     _choice(problems, "hardware.precision", hw.precision, PRECISIONS)

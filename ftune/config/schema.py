@@ -113,6 +113,26 @@ class StageConfig:
     """Registry name of the loss (causal_lm: token-level cross-entropy on the labelled tokens)."""
 
 
+@dataclass
+class DpoStageConfig(StageConfig):
+    """Preference optimisation on prompt/chosen/rejected pairs (the DPO family)."""
+
+    name: str = "dpo"
+    objective: str = "dpo"
+    loss: str = "sigmoid"
+    """sigmoid (DPO, Rafailov et al. 2023) | cdpo (DPO with label_smoothing, conservative DPO) |
+    ipo (Azar et al. 2023) | simpo (reference-free, length-normalised, Meng et al. 2024) |
+    orpo (SFT loss + odds-ratio term, reference-free, Hong et al. 2024)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (DPO, IPO's 1/(2 beta) target) or reward scale (SimPO)."""
+    label_smoothing: float = 0.0
+    """cdpo: assumed probability that a preference label is flipped (0 < eps < 0.5)."""
+    simpo_gamma_ratio: float = 0.5
+    """SimPO target margin gamma as a fraction of beta."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term beside the SFT loss."""
+
+
 # ----------------------------------------------------------------------------- hardware
 @dataclass
 class HardwareConfig:
@@ -217,6 +237,6 @@ SCHEMAS: dict[str, dict[str, type]] = {
                "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig,
                "longlora": LongLoraConfig},
     "dataset": {"dataset": DatasetConfig},
-    "stage": {"stage": StageConfig},
+    "stage": {"stage": StageConfig, "dpo": DpoStageConfig},
     "hardware": {"hardware": HardwareConfig},
 }

@@ -98,8 +98,30 @@ def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
 
 def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> tuple[list[dict], TokenStats]:
     template = templates.load_template(cfg.template)
+    if records and "chosen" in records[0]:
+        return tokenize_pairs(records, template, cfg, tokenizer)
     segment_lists = [templates.render(r, template, tokenizer) for r in records]
     return tokenize_all(segment_lists, tokenizer, cfg.max_seq_len, cfg.train_on)
+
+
+def tokenize_pairs(records: list[dict], template: Any, cfg: DatasetConfig, tokenizer: Any) -> tuple[list[dict], TokenStats]:
+    """Preference records -> {chosen_*, rejected_*} samples, each side masked like SFT (the final
+    answer is the target). A pair is dropped when either side loses its answer to truncation."""
+    sides = {}
+    for side in ("chosen", "rejected"):
+        convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r[side]}]} for r in records]
+        segs = [templates.render(c, template, tokenizer) for c in convs]
+        sides[side], _ = tokenize_all(segs, tokenizer, cfg.max_seq_len, "last", drop_empty=False)
+    stats, pairs = TokenStats(), []
+    for c, r in zip(sides["chosen"], sides["rejected"]):
+        if c is None or r is None:
+            stats.dropped_no_target += 1
+            continue
+        pairs.append({"chosen": c, "rejected": r})
+        stats.samples += 1
+        stats.tokens += len(c["input_ids"]) + len(r["input_ids"])
+        stats.trained_tokens += sum(x != -100 for x in c["labels"][1:]) + sum(x != -100 for x in r["labels"][1:])
+    return pairs, stats
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -124,7 +146,7 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
         raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
                          [f"{train_stats.dropped_no_target} samples had no assistant tokens within max_seq_len={cfg.max_seq_len}"],
                          "Raise dataset.max_seq_len or check the template and train_on setting.")
-    prompts = [r["messages"][:-1] for r in eval_records[:4] if "messages" in r]
+    prompts = [r["messages"] if "chosen" in r else r["messages"][:-1] for r in eval_records[:4] if "messages" in r]
     stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path)}
     if cfg.packing:
         train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)

@@ -21,6 +21,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "qa": ("question", "answer", "system"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
+    "preference": ("prompt", "chosen", "rejected", "system"),
 }
 FORMATS = tuple(FIELDS)
 
@@ -114,8 +115,42 @@ def from_sharegpt(row: Row, system: str | None) -> Record:
     return {"messages": _check_turns(messages)}
 
 
+def _answer(value: Any, column: str) -> tuple[list[Record], str]:
+    """(conversation before the answer, answer text) from a string or a message list ending in
+    the assistant's answer (the shape of many preference sets: whole conversations per side)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"column '{column}' is empty")
+        return [], value
+    roles = {"system": "system", "user": "user", "assistant": "assistant"}
+    turns = _turns(value, column, "role", "content", roles)
+    if turns[-1]["role"] != "assistant":
+        raise RowError(f"column '{column}' must end with an assistant message")
+    return turns[:-1], turns[-1]["content"]
+
+
+def from_preference(row: Row, system: str | None) -> Record:
+    """prompt + chosen + rejected; prompt may be text or messages, or be absent when chosen and
+    rejected are whole conversations that share everything but the final answer."""
+    before_c, chosen = _answer(row.get("chosen"), "chosen")
+    before_r, rejected = _answer(row.get("rejected"), "rejected")
+    prompt = row.get("prompt")
+    if prompt is None or prompt == "":
+        if not before_c or before_c != before_r:
+            raise RowError("no 'prompt' column, and chosen/rejected do not share the conversation before the answer")
+        messages = before_c
+    elif isinstance(prompt, str):
+        messages = [*before_c, {"role": "user", "content": prompt}] if not before_c else before_c
+    else:
+        messages = _turns(prompt, "prompt", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+    if messages[0]["role"] != "system":
+        messages = _system(row, system) + messages
+    return {"messages": messages, "chosen": chosen, "rejected": rejected}
+
+
 CONVERTERS: dict[str, Callable[[Row, str | None], Record]] = {
     "text": from_text, "alpaca": from_alpaca, "qa": from_qa, "messages": from_messages, "sharegpt": from_sharegpt,
+    "preference": from_preference,
 }
 
 

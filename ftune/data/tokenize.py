@@ -29,9 +29,12 @@ def _trained(segment: Segment, train_on: str, last_turn: int) -> bool:
     return segment.train
 
 
-def tokenize_all(segment_lists: list[list[Segment]], tokenizer: Any, max_len: int, train_on: str
-                 ) -> tuple[list[dict], TokenStats]:
-    """Tokenise every record's segments in one tokenizer call, then cut to max_len."""
+def tokenize_all(segment_lists: list[list[Segment]], tokenizer: Any, max_len: int, train_on: str,
+                 drop_empty: bool = True) -> tuple[list[dict | None], TokenStats]:
+    """Tokenise every record's segments in one tokenizer call, then cut to max_len.
+
+    A sample left without trained tokens is dropped (counted), or kept as None with
+    drop_empty=False so that callers pairing samples stay aligned."""
     flat = [s.text for segs in segment_lists for s in segs]
     ids_flat = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     stats, out, k = TokenStats(), [], 0
@@ -49,6 +52,8 @@ def tokenize_all(segment_lists: list[list[Segment]], tokenizer: Any, max_len: in
         # Position 0 is never predicted (no token before it), so it cannot be a target.
         if not any(label != IGNORE for label in labels[1:]):
             stats.dropped_no_target += 1
+            if not drop_empty:
+                out.append(None)
             continue
         out.append({"input_ids": ids, "labels": labels})
         stats.samples += 1

@@ -31,7 +31,7 @@ from ftune.models import load as model_load
 from ftune.train import checkpoint, objectives
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
-from ftune.train.trainer import FitState, LoopParts, evaluate, fit, save_checkpoint, total_steps
+from ftune.train.trainer import FitState, LoopParts, evaluate_all, fit, save_checkpoint, total_steps
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -128,7 +128,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     optimizer = build_optimizer(model, cfg.train, hooks.lr_scale)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    objective = objectives.get(cfg.stage.objective)
+    objective = objectives.get(cfg.stage)
     parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
                       tokenizer.pad_token_id, run_dir, hooks)
 
@@ -138,8 +138,9 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         state = FitState(**{k: saved[k] for k in vars(state) if k in saved})
         console.print(f"resumed from {resume_from} at step {state.step}")
     else:
-        state.eval_before = evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
-        console.print(f"held-out loss before training: {state.eval_before:.4f}")
+        state.eval_before, state.eval_metrics_before = evaluate_all(
+            model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+        console.print(f"held-out loss before training: {state.eval_before:.4f}{_fmt(state.eval_metrics_before)}")
     log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step)
     if resume_from is None:
         log.write({"step": 0, "eval_loss": state.eval_before})
@@ -154,9 +155,11 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         return {"stopped_at": state.step, "run_dir": str(run_dir)}
 
     def held_out() -> float:
-        return evaluate(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+        return evaluate_all(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+                            accelerator)[0]
 
-    eval_after = held_out()
+    eval_after, eval_metrics_after = evaluate_all(model, objective, data.eval, cfg.train.micro_batch_size,
+                                                  tokenizer.pad_token_id, accelerator)
     log.write({"step": state.step, "eval_loss": eval_after})
     log.close()
     unwrapped = accelerator.unwrap_model(model)
@@ -169,6 +172,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
         "trainable_parameters": trainable, **method_results,
+        **({"eval_metrics_before": state.eval_metrics_before, "eval_metrics_after": eval_metrics_after}
+           if eval_metrics_after else {}),
     }
     prompts = [[{"role": "user", "content": cfg.dataset.sample_prompt}]] if cfg.dataset.sample_prompt else data.eval_prompts
     if cfg.train.sample_max_new_tokens and prompts:
@@ -177,6 +182,10 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report_summary(console, summary)
     return summary
+
+
+def _fmt(metrics: dict) -> str:
+    return "".join(f", {k} {v:.3f}" for k, v in metrics.items() if k in ("accuracy", "margin"))
 
 
 def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
@@ -195,8 +204,11 @@ def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
 def _report_summary(console: Console, s: dict) -> None:
     drop = s["eval_loss_before"] - s["eval_loss_after"]
     better = "[green]lower[/]" if drop > 0 else "[red]not lower[/]"
-    console.print(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({better}, "
-                  f"ppl {math.exp(s['eval_loss_before']):.2f} -> {math.exp(s['eval_loss_after']):.2f})")
+    ppl = f"ppl {math.exp(s['eval_loss_before']):.2f} -> {math.exp(s['eval_loss_after']):.2f}"
+    if "eval_metrics_after" in s:  # preference stages: the loss is not a perplexity
+        before, after = s["eval_metrics_before"], s["eval_metrics_after"]
+        ppl = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in ("accuracy", "margin"))
+    console.print(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({better}, {ppl})")
     console.print(f"{s['train_tokens']:,} tokens in {s['train_seconds']:.0f} s of training = {s['tokens_per_s']:.0f} tokens/s; "
                   f"wall time {s['wall_seconds']:.0f} s")
     if "sample_answer" in s:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ftune.config.schema import TrainConfig
-from ftune.data.collate import collate
 from ftune.methods import StepHooks
 from ftune.train import checkpoint
 from ftune.train.metrics import MetricsLog
-from ftune.train.objectives.causal_lm import count_targets
+from ftune.train.objectives import Objective
 
 
 class DataOrder:
@@ -54,44 +53,54 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def evaluate(model: Any, objective: Callable, samples: list[dict], mbs: int, pad_id: int, accelerator: Any) -> float:
-    """Token-weighted mean loss over the held-out samples."""
+def evaluate_all(model: Any, objective: Objective, samples: list[dict], mbs: int, pad_id: int, accelerator: Any
+                 ) -> tuple[float, dict[str, float]]:
+    """Held-out loss (mean over the objective's units) and the objective's mean metrics."""
     if not samples:
-        return float("nan")
+        return float("nan"), {}
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, units, sums = 0.0, 0, {}
     with torch.no_grad():
         for i in range(0, len(samples), mbs):
-            batch = to_device(collate(samples[i:i + mbs], pad_id), accelerator.device)
+            batch = to_device(objective.collate(samples[i:i + mbs], pad_id), accelerator.device)
             with accelerator.autocast():
-                loss_sum, n = objective(model, batch)
-            total, tokens = total + float(loss_sum), tokens + n
+                loss_sum, n, metrics = objective.loss(model, batch)
+            total, units = total + float(loss_sum), units + n
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
-    return total / max(tokens, 1)
+    units = max(units, 1)
+    return total / units, {key: value / units for key, value in sums.items()}
 
 
-def train_step(model: Any, objective: Callable, batches: list[dict], accelerator: Any, optimizer: Any,
+def evaluate(model: Any, objective: Objective, samples: list[dict], mbs: int, pad_id: int, accelerator: Any) -> float:
+    return evaluate_all(model, objective, samples, mbs, pad_id, accelerator)[0]
+
+
+def train_step(model: Any, objective: Objective, batches: list[dict], accelerator: Any, optimizer: Any,
                scheduler: Any, max_grad_norm: float, hooks: StepHooks | None = None, step: int = 0
                ) -> dict[str, float]:
     """One optimiser step over several micro-batches; returns the step's metrics."""
     hooks = hooks or StepHooks()
     inner = accelerator.unwrap_model(model)
     hooks.before_step(inner, step)
-    n_targets = sum(count_targets(b) for b in batches)
-    loss_total = 0.0
+    n_targets = sum(objective.count(b) for b in batches)
+    loss_total, sums = 0.0, {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # Skip the gradient all-reduce on all but the last micro-batch (a no-op in one process).
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                loss_sum, _ = objective(model, batch)
+                loss_sum, _, metrics = objective.loss(model, batch)
                 loss = loss_sum / n_targets
                 extra = hooks.regularizer(inner) if last else None
                 if extra is not None:  # once per step, not once per micro-batch
                     loss = loss + extra
             accelerator.backward(loss)
         loss_total += float(loss_sum.detach())
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
     params = [p for p in model.parameters() if p.requires_grad]
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = accelerator.clip_grad_norm_(params, clip)
@@ -101,7 +110,7 @@ def train_step(model: Any, objective: Callable, batches: list[dict], accelerator
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total / n_targets, "grad_norm": float(grad_norm),
             "lr": scheduler.get_last_lr()[0], "tokens": int(sum(int(b["num_tokens"]) for b in batches)),
-            "target_tokens": n_targets}
+            "target_tokens": n_targets, **{key: value / n_targets for key, value in sums.items()}}
 
 
 @dataclass
@@ -113,6 +122,7 @@ class FitState:
     train_seconds: float = 0.0
     eval_before: float = float("nan")
     last_eval: float = float("nan")
+    eval_metrics_before: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -120,7 +130,7 @@ class LoopParts:
     """What the loop works on, gathered by ftune/train/run.py."""
 
     model: Any
-    objective: Callable
+    objective: Objective
     optimizer: Any
     scheduler: Any
     accelerator: Any
@@ -141,7 +151,8 @@ def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, pr
     while state.step < steps:
         start = time.perf_counter()
         first = state.step * cfg.grad_accum
-        batches = [to_device(collate([parts.train[i] for i in order.micro(m)], parts.pad_id), parts.accelerator.device)
+        batches = [to_device(parts.objective.collate([parts.train[i] for i in order.micro(m)], parts.pad_id),
+                             parts.accelerator.device)
                    for m in range(first, first + cfg.grad_accum)]
         metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
                              parts.scheduler, cfg.max_grad_norm, parts.hooks, state.step)

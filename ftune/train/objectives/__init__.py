@@ -1,20 +1,33 @@
-"""Objectives turn a batch into (sum of per-token losses, number of target tokens, metrics).
+"""Objectives: how a stage turns a batch into a loss. One trainer loop serves every stage.
 
-Returning a *sum* lets the trainer normalise by the tokens of the whole optimiser step, so
-gradient accumulation gives the same gradient as one large batch.
+An Objective gives three functions:
+- collate(samples, pad_id) -> batch tensors;
+- count(batch) -> the units the loss is a sum over (target tokens for causal_lm, pairs for dpo);
+- loss(model, batch) -> (sum of unit losses, unit count, {metric: sum over units}).
+Returning sums lets the trainer normalise by the units of the whole optimiser step, so gradient
+accumulation gives the same gradient as one large batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ftune.registry import Registry
 
-ObjectiveFn = Callable[[Any, dict], tuple[Any, Any]]
-OBJECTIVES: Registry[ObjectiveFn] = Registry("objective")
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable[[Any, dict], tuple[Any, int, dict[str, float]]]
+    count: Callable[[dict], int]
+    collate: Callable[[list[dict], int], dict]
 
 
-def get(name: str) -> ObjectiveFn:
-    from ftune.train.objectives import causal_lm  # noqa: F401  (registration)
+OBJECTIVES: Registry[Callable[[Any], Objective]] = Registry("objective")
 
-    return OBJECTIVES.get(name, key="stage.objective")
+
+def get(stage: Any) -> Objective:
+    """The objective for a stage config (its `objective` names the registry entry)."""
+    from ftune.train.objectives import causal_lm, dpo  # noqa: F401  (registration)
+
+    return OBJECTIVES.get(stage.objective, key="stage.objective")(stage)

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
-from ftune.train.objectives import OBJECTIVES
+from ftune.train.objectives import OBJECTIVES, Objective
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -18,7 +19,6 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-@OBJECTIVES.register("causal_lm")
 def causal_lm(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, target token count) for one micro-batch."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -31,3 +31,7 @@ def causal_lm(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
     return loss_sum, count_targets(batch)
+
+
+CAUSAL_LM = Objective(loss=lambda model, batch: (*causal_lm(model, batch), {}), count=count_targets, collate=collate)
+OBJECTIVES.register("causal_lm")(lambda stage: CAUSAL_LM)
