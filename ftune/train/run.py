@@ -185,7 +185,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
 
 def _fmt(metrics: dict) -> str:
-    return "".join(f", {k} {v:.3f}" for k, v in metrics.items() if k in ("accuracy", "margin"))
+    return "".join(f", {k} {v:.3f}" for k, v in metrics.items() if k in ("accuracy", "margin", "logp_accuracy"))
 
 
 def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
@@ -207,7 +207,8 @@ def _report_summary(console: Console, s: dict) -> None:
     ppl = f"ppl {math.exp(s['eval_loss_before']):.2f} -> {math.exp(s['eval_loss_after']):.2f}"
     if "eval_metrics_after" in s:  # preference stages: the loss is not a perplexity
         before, after = s["eval_metrics_before"], s["eval_metrics_after"]
-        ppl = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in ("accuracy", "margin"))
+        ppl = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}"
+                        for k in ("accuracy", "margin", "logp_accuracy") if k in after)
     console.print(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({better}, {ppl})")
     console.print(f"{s['train_tokens']:,} tokens in {s['train_seconds']:.0f} s of training = {s['tokens_per_s']:.0f} tokens/s; "
                   f"wall time {s['wall_seconds']:.0f} s")

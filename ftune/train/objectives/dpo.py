@@ -80,7 +80,10 @@ def make_dpo(stage: Any) -> Objective:
         rew_c, rew_r, logps = rew_c.detach(), rew_r.detach(), logps.detach()
         metrics = {"rewards_chosen": float(rew_c.sum()), "rewards_rejected": float(rew_r.sum()),
                    "margin": float((rew_c - rew_r).sum()), "accuracy": float((rew_c > rew_r).float().sum()),
-                   "logps_chosen": float(logps[:n].sum()), "logps_rejected": float(logps[n:].sum())}
+                   "logps_chosen": float(logps[:n].sum()), "logps_rejected": float(logps[n:].sum()),
+                   # The policy's own preference, comparable with the starting model (whose DPO
+                   # rewards are all zero): does it give the chosen answer more probability per token?
+                   "logp_accuracy": float((logps[:n] / counts[:n] > logps[n:] / counts[n:]).float().sum())}
         return losses.sum(), n, metrics
 
     return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_pairs)
