@@ -57,3 +57,13 @@ def test_each_method_family_lowers_held_out_loss(method, tmp_path):
                              "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
                              f"train.output_dir={tmp_path}", f"train.run_name={method}"]))
     assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
+
+
+def test_dpo_raises_preference_margin_and_accuracy(tmp_path):
+    summary = train(compose(["recipe=smollm2-dpo", "train.max_steps=10", "dataset.eval_max_rows=24",
+                             "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
+                             f"train.output_dir={tmp_path}", "train.run_name=dpo"]))
+    before, after = summary["eval_metrics_before"], summary["eval_metrics_after"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert after["margin"] > 0.2 and after["accuracy"] > 0.6
+    assert after["logp_accuracy"] >= before["logp_accuracy"]
