@@ -60,7 +60,7 @@ def test_each_method_family_lowers_held_out_loss(method, tmp_path):
 
 
 def test_dpo_raises_preference_margin_and_accuracy(tmp_path):
-    summary = train(compose(["recipe=smollm2-dpo", "train.max_steps=10", "dataset.eval_max_rows=24",
+    summary = train(compose(["recipe=smollm2-dpo", "train.max_steps=16", "dataset.eval_max_rows=24",
                              "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
                              f"train.output_dir={tmp_path}", "train.run_name=dpo"]))
     before, after = summary["eval_metrics_before"], summary["eval_metrics_after"]
