@@ -52,6 +52,16 @@ METHODS = {
 }
 
 
+def perturbed_for_eval(model, tok, scale):
+    """Stand-in for training: perturb every trainable tensor; returns a test input."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    model.eval()
+    return torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+
+
 def _setup(tiny_overrides, method, extra):
     cfg = compose([*tiny_overrides, f"method={method}", *extra, "dataset.packing=false"]).cfg
     torch.manual_seed(0)
@@ -93,12 +103,7 @@ def test_saved_method_reloads_with_identical_outputs(method, tiny_overrides, tin
 
     extra, _ = METHODS[method]
     cfg, model, tok = _setup(tiny_overrides, method, extra)
-    with torch.no_grad():  # stand-in for training: perturb every trainable tensor
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
-    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    ids = perturbed_for_eval(model, tok, 0.05)
     mask = torch.ones_like(ids)
     expected = model(input_ids=ids, attention_mask=mask).logits
     out = save_trained(model, tok, cfg.method, str(tiny_model_dir), tmp_path / "saved")
@@ -181,12 +186,7 @@ def test_merge_equals_the_adapter(method, tiny_overrides):
 
     extra, _ = METHODS[method]
     cfg, model, tok = _setup(tiny_overrides, method, extra)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
-    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    ids = perturbed_for_eval(model, tok, 0.05)
     expected = model(input_ids=ids).logits
     if method == "dylora":  # merge at a chosen rank: compare with the adapter at that rank
         from ftune.methods.dylora import set_rank
@@ -216,12 +216,7 @@ def test_qalora_merge_is_exact_and_stays_group_quantised(tiny_overrides):
     from ftune.methods.qalora import GroupQuantLinear, QALoraLinear
 
     cfg, model, tok = _setup(tiny_overrides, "qalora", ["method.r=4", "method.group_size=32"])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.eval()
-    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    ids = perturbed_for_eval(model, tok, 0.1)
     adapted = model(input_ids=ids).logits
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QALoraLinear)
@@ -246,12 +241,7 @@ def test_longlora_trains_lora_embeddings_and_norms_with_s2_attention(tiny_overri
     assert trainable == L * 4 * (Q + K + V + O) + vocab * H + (L * 2 * H + H)
     assert model.config._attn_implementation == ATTENTION_NAME
     assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 2.0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
-    ids = torch.tensor([tok("What is the capital of France? Paris.")["input_ids"]])
+    ids = perturbed_for_eval(model, tok, 0.05)
     expected = model(input_ids=ids).logits
     out = save_trained(model, tok, cfg.method, str(tiny_model_dir), tmp_path / "saved")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
