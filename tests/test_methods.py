@@ -15,7 +15,7 @@ from ftune.methods import Setup, count_parameters, hooks_for, is_peft
 from ftune.methods import apply as apply_method
 from ftune.methods.saving import load_trained, save_trained
 from ftune.models import load as model_load
-from ftune.train.objectives.causal_lm import CAUSAL_LM, causal_lm
+from ftune.train.objectives.causal_lm import CAUSAL_LM
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.run import make_accelerator
 from ftune.train.trainer import train_step

@@ -156,12 +156,11 @@ class IA3Config(MethodConfig):
 
 
 @dataclass
-class LoHaConfig(MethodConfig):
-    """LoHa (Hyeon-Woo et al. 2022): low-rank Hadamard product update (LyCORIS family, via peft)."""
+class LycorisConfig(MethodConfig):
+    """Knobs shared by the LyCORIS-family methods peft implements (LoHa, LoKr)."""
 
-    name: str = "loha"
     r: int = 8
-    """Rank of each of the two factor pairs."""
+    """Rank of the low-rank factors."""
     alpha: float = 16.0
     """Scaling numerator (alpha / r)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -171,18 +170,17 @@ class LoHaConfig(MethodConfig):
 
 
 @dataclass
-class LoKrConfig(MethodConfig):
-    """LoKr (Yeh et al. 2023): Kronecker-product update (LyCORIS family, via peft)."""
+class LoHaConfig(LycorisConfig):
+    """LoHa (Hyeon-Woo et al. 2022): the update is a Hadamard product of two low-rank products."""
+
+    name: str = "loha"
+
+
+@dataclass
+class LoKrConfig(LycorisConfig):
+    """LoKr (Yeh et al. 2023): the update is a Kronecker product with a low-rank factor."""
 
     name: str = "lokr"
-    r: int = 8
-    """Rank of the low-rank Kronecker factor."""
-    alpha: float = 16.0
-    """Scaling numerator (alpha / r)."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Modules to adapt."""
-    module_dropout: float = 0.0
-    """Probability of skipping a module's update during training."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 from ftune.config.methods_schema import (AdaLoraConfig, AdapterConfig, BitFitConfig, DyLoraConfig, FreezeConfig,
                                          FullConfig, IA3Config, LoHaConfig, LoKrConfig, LongLoraConfig, LoraConfig,
-                                         MethodConfig, PrefixConfig, PromptConfig, PTuningConfig, PTuningV2Config,
+                                         PrefixConfig, PromptConfig, PTuningConfig, PTuningV2Config,
                                          QALoraConfig, QLoraConfig, VeraConfig)
 
 

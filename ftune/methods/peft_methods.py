@@ -72,21 +72,14 @@ def apply_ia3(model: Any, cfg: Any, setup: Setup) -> Any:
 
 
 @METHODS.register("loha")
-def apply_loha(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import LoHaConfig
-
-    m = cfg.method
-    return _wrap(model, LoHaConfig(r=m.r, alpha=m.alpha, target_modules=list(m.target_modules),
-                                   module_dropout=m.module_dropout))
-
-
 @METHODS.register("lokr")
-def apply_lokr(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import LoKrConfig
+def apply_lycoris(model: Any, cfg: Any, setup: Setup) -> Any:
+    import peft
 
     m = cfg.method
-    return _wrap(model, LoKrConfig(r=m.r, alpha=m.alpha, target_modules=list(m.target_modules),
-                                   module_dropout=m.module_dropout))
+    config_class = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[m.name]
+    return _wrap(model, config_class(r=m.r, alpha=m.alpha, target_modules=list(m.target_modules),
+                                     module_dropout=m.module_dropout))
 
 
 @METHODS.register("vera")
