@@ -26,7 +26,15 @@ METHOD_CHOICES = {"encoder": ("mlp", "lstm"), "placement": ("attn", "mlp", "both
                   "activation": ("gelu", "relu", "silu"), "norms": ("auto", "always", "never"),
                   "init": ("default", "gaussian", "pissa")}
 # Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
-STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",)}
+STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",), "rm": ("pairwise",),
+                    "ppo": ("ppo",)}
+# Stages trained on preference pairs, and the stages each data format may feed.
+PAIR_STAGES = ("dpo", "rm")
+STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
+                 "sft": ("alpaca", "qa", "messages", "sharegpt"),
+                 "dpo": ("preference",), "rm": ("preference",),
+                 "ppo": ("prompt", "alpaca", "qa", "messages", "sharegpt", "preference")}
+PPO_REWARDS = ("model", "length", "regex", "reference")
 DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo")
 # Methods whose model can run with the adapter disabled (the free DPO reference).
 PEFT_METHODS = ("lora", "lora-attn", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
@@ -56,9 +64,10 @@ def derive(cfg: FtuneConfig) -> list[str]:
         cfg.dataset.template = cfg.model.template
     if cfg.stage.name == "pt":
         cfg.dataset.train_on = "all"
-    if cfg.stage.name == "dpo" and cfg.dataset.packing:
+    if cfg.stage.name in ("dpo", "rm", "ppo") and cfg.dataset.packing:
         cfg.dataset.packing = False
-        notes.append("stage=dpo compares whole answers pair by pair, so rows are not packed (dataset.packing=false)")
+        why = "generates and scores whole answers" if cfg.stage.name == "ppo" else "compares whole answers pair by pair"
+        notes.append(f"stage={cfg.stage.name} {why}, so rows are not packed (dataset.packing=false)")
     return notes
 
 
@@ -147,12 +156,11 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():
             problems.append(f"{key}.path: file {path} does not exist")
-        if (cfg.stage.name == "dpo") != (src.format == "preference"):
-            problems.append(f"{key}.format={src.format}: stage=dpo needs format=preference (prompt, chosen, "
-                            f"rejected), and format=preference needs stage=dpo (got stage={cfg.stage.name})")
-        if cfg.stage.name == "sft" and src.format == "text":
-            problems.append(f"{key}.format=text has no prompt/answer turns; use stage=pt for raw text, "
-                            "or an instruction format (alpaca, qa, messages, sharegpt) for sft")
+        allowed = STAGE_FORMATS.get(cfg.stage.name, FORMATS)
+        if src.format in FORMATS and src.format not in allowed:
+            users = [stage for stage, fmts in STAGE_FORMATS.items() if src.format in fmts]
+            problems.append(f"{key}.format={src.format} does not fit stage={cfg.stage.name}: it takes "
+                            f"{', '.join(allowed)}; format={src.format} is for stage {'/'.join(users)}")
     _choice(problems, "dataset.template", d.template, template_names())
     _choice(problems, "dataset.train_on", d.train_on, TRAIN_ON)
     if d.max_seq_len < 16:
@@ -177,6 +185,10 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
         if stage.loss not in ("simpo", "orpo") and cfg.method.name not in PEFT_METHODS:
             problems.append(f"stage.loss={stage.loss} needs a reference model: with method={cfg.method.name} there is "
                             "no adapter to disable; use an adapter method (lora, …) or stage.loss=simpo|orpo")
+    if cfg.stage.name == "rm" and cfg.stage.margin < 0:
+        problems.append(f"stage.margin must be >= 0 (got {cfg.stage.margin})")
+    if cfg.stage.name == "ppo":
+        _check_ppo(cfg, problems)
     hw = cfg.hardware
     _choice(problems, "hardware.device", hw.device, ("auto", "cpu", "cuda"))
     _choice(problems, "hardware.precision", hw.precision, PRECISIONS)
@@ -190,6 +202,42 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
     # optimisers are CUDA-only.
     if hw.device == "cpu" and cfg.train.optim != "adamw":
         problems.append(f"train.optim={cfg.train.optim} needs bitsandbytes on CUDA; use train.optim=adamw on CPU")
+
+
+def _check_ppo(cfg: FtuneConfig, problems: list[str]) -> None:
+    import re
+
+    st = cfg.stage
+    if not st.reward.startswith("python:"):
+        _choice(problems, "stage.reward", st.reward, [*PPO_REWARDS, "python:<file.py or module>:<function>"])
+    elif st.reward.count(":") < 2:
+        problems.append(f"stage.reward={st.reward}: write python:<file.py or module>:<function>, "
+                        "e.g. python:rewards.py:score")
+    if st.reward == "model":
+        if not st.reward_model:
+            problems.append("stage.reward=model needs stage.reward_model: the run directory of a stage=rm run "
+                            "(or pick a rule reward: stage.reward=length|regex|reference|python:…)")
+        elif not (Path(st.reward_model) / "config.yaml").is_file():
+            problems.append(f"stage.reward_model: {st.reward_model} is not a run directory (no config.yaml); give "
+                            "the output folder of `ftune train recipe=smollm2-rm`")
+    if st.reward == "regex":
+        try:
+            re.compile(st.reward_pattern or "(")
+        except re.error as exc:
+            problems.append(f"stage.reward_pattern is not a valid regular expression ({exc}); e.g. '\\d+'")
+    if cfg.method.name not in PEFT_METHODS:
+        problems.append(f"stage=ppo needs a reference model for its KL penalty: with method={cfg.method.name} "
+                        "there is no adapter to disable; use an adapter method (lora, qlora, …)")
+    for key in ("max_new_tokens", "ppo_epochs", "mini_batches", "reward_target_length", "kl_horizon"):
+        _positive(problems, f"stage.{key}", getattr(st, key))
+    for key in ("temperature", "cliprange", "cliprange_value", "target_kl"):
+        _positive(problems, f"stage.{key}", getattr(st, key))
+    for key in ("kl_coef", "vf_coef", "score_clip", "missing_eos_penalty", "top_k"):
+        _positive(problems, f"stage.{key}", getattr(st, key), allow_zero=True)
+    if not 0 < st.top_p <= 1:
+        problems.append(f"stage.top_p must be in (0, 1] (got {st.top_p})")
+    if not 0 <= st.lam <= 1 or not 0 <= st.gamma <= 1:
+        problems.append(f"stage.gamma and stage.lam must be in [0, 1] (got {st.gamma}, {st.lam})")
 
 
 def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:

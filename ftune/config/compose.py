@@ -145,4 +145,5 @@ def load_saved(path: Path) -> FtuneConfig:
     if method_schema is None:
         raise unknown_name_error("method", str(data.method.name), SCHEMAS["method"], key=f"{path}: method.name")
     schema.method = OmegaConf.structured(method_schema)
+    schema.stage = OmegaConf.structured(SCHEMAS["stage"].get(str(data.stage.name), SCHEMAS["stage"]["stage"]))
     return OmegaConf.to_object(OmegaConf.merge(schema, data))

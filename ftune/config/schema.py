@@ -105,10 +105,11 @@ class DatasetConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    """The training objective. This release ships pt and sft (both causal_lm)."""
+    """The training objective: pt and sft (causal_lm); dpo, rm and ppo have their own schemas."""
 
     name: str = MISSING
-    """pt (continue-pretraining on raw text) | sft (supervised fine-tuning on prompts/answers)."""
+    """pt (continue-pretraining on raw text) | sft (supervised fine-tuning on prompts/answers) |
+    dpo | rm | ppo."""
     objective: str = "causal_lm"
     """Registry name of the loss (causal_lm: token-level cross-entropy on the labelled tokens)."""
 
@@ -131,6 +132,75 @@ class DpoStageConfig(StageConfig):
     """SimPO target margin gamma as a fraction of beta."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term beside the SFT loss."""
+
+
+@dataclass
+class RewardStageConfig(StageConfig):
+    """Reward model on prompt/chosen/rejected pairs: a scalar head read at the last token."""
+
+    name: str = "rm"
+    objective: str = "pairwise"
+    margin: float = 0.0
+    """Required score gap: loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin)."""
+    center_rewards_coef: float = 0.0
+    """Adds coef x (r_chosen + r_rejected)^2 so scores stay centred near 0 (0: off)."""
+
+
+@dataclass
+class PpoStageConfig(StageConfig):
+    """RLHF with PPO (InstructGPT stage 3): generate, score, KL-penalise against the reference,
+    estimate advantages with a value head and GAE, then clipped policy and value updates."""
+
+    name: str = "ppo"
+    objective: str = "ppo"
+    reward: str = "model"
+    """model (the reward model of a stage=rm run, see reward_model) | length (closeness to
+    reward_target_length words) | regex (1 when reward_pattern matches the answer, else 0) |
+    reference (1 when the dataset's reference answer appears in the answer) |
+    python:<file.py or module>:<function> (your function(prompt, response, reference) -> float)."""
+    reward_model: Optional[str] = None
+    """Run directory of a stage=rm run (reward=model)."""
+    reward_pattern: str = ""
+    """reward=regex: a Python regular expression searched in the answer."""
+    reward_target_length: int = 32
+    """reward=length: the answer length (words) that scores 1; the reward falls linearly to 0 at
+    twice or zero that length."""
+    max_new_tokens: int = 48
+    """Longest generated answer per rollout."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: off)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch; each pass is `mini_batches` optimiser steps."""
+    mini_batches: int = 1
+    """Optimiser steps per pass. A rollout has micro_batch_size x grad_accum x mini_batches answers."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty log pi(y|x) - log pi_ref(y|x) in the reward."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
+    target_kl: float = 6.0
+    """adaptive_kl: the KL per answer (nats) the controller aims for."""
+    kl_horizon: int = 10000
+    """adaptive_kl: how fast the coefficient moves (answers per full correction)."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """Lambda of GAE (bias/variance of the advantage estimate)."""
+    cliprange: float = 0.2
+    """Clip of the policy probability ratio."""
+    cliprange_value: float = 0.2
+    """Clip of the value prediction around its rollout value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over each rollout batch."""
+    score_clip: float = 0.0
+    """Clip scores to [-score_clip, score_clip] (0: no clipping)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of an answer that hits max_new_tokens without ending."""
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -237,6 +307,6 @@ SCHEMAS: dict[str, dict[str, type]] = {
                "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig,
                "longlora": LongLoraConfig},
     "dataset": {"dataset": DatasetConfig},
-    "stage": {"stage": StageConfig, "dpo": DpoStageConfig},
+    "stage": {"stage": StageConfig, "dpo": DpoStageConfig, "rm": RewardStageConfig, "ppo": PpoStageConfig},
     "hardware": {"hardware": HardwareConfig},
 }

@@ -96,8 +96,11 @@ def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> tuple[list[dict], TokenStats]:
+def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any, stage: str = "sft"
+                     ) -> tuple[list[dict], TokenStats]:
     template = templates.load_template(cfg.template)
+    if stage == "ppo":
+        return tokenize_prompts(records, template, cfg, tokenizer)
     if records and "chosen" in records[0]:
         return tokenize_pairs(records, template, cfg, tokenizer)
     segment_lists = [templates.render(r, template, tokenizer) for r in records]
@@ -124,6 +127,32 @@ def tokenize_pairs(records: list[dict], template: Any, cfg: DatasetConfig, token
     return pairs, stats
 
 
+def prompt_of(record: dict) -> tuple[list[dict], str | None]:
+    """(messages ending with a user turn, reference answer or None) for any record with messages:
+    an SFT record's final answer and a preference record's chosen answer become the reference."""
+    messages, reference = record["messages"], record.get("reference") or record.get("chosen")
+    if messages[-1]["role"] == "assistant":
+        messages, reference = messages[:-1], reference or messages[-1]["content"]
+    return messages, reference
+
+
+def tokenize_prompts(records: list[dict], template: Any, cfg: DatasetConfig, tokenizer: Any
+                     ) -> tuple[list[dict], TokenStats]:
+    """PPO prompts: the rendered prompt up to the assistant's turn, its messages and reference.
+    A prompt longer than max_seq_len is dropped (counted): cutting it would change the question."""
+    stats, out = TokenStats(), []
+    for record in records:
+        messages, reference = prompt_of(record)
+        ids = tokenizer(templates.render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_seq_len:
+            stats.truncated += 1
+            continue
+        out.append({"prompt_ids": ids, "messages": messages, "reference": reference})
+        stats.samples += 1
+        stats.tokens += len(ids)
+    return out, stats
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -140,13 +169,13 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
         cached["stats"]["from_cache"] = str(path)
         return DataBundle(**cached)
     train_records, eval_records = split_records(cfg, seed)
-    train, train_stats = tokenize_records(train_records, cfg, tokenizer)
-    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer)
+    train, train_stats = tokenize_records(train_records, cfg, tokenizer, stage)
+    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, stage)
     if not train:
         raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
                          [f"{train_stats.dropped_no_target} samples had no assistant tokens within max_seq_len={cfg.max_seq_len}"],
                          "Raise dataset.max_seq_len or check the template and train_on setting.")
-    prompts = [r["messages"] if "chosen" in r else r["messages"][:-1] for r in eval_records[:4] if "messages" in r]
+    prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
     stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path)}
     if cfg.packing:
         train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)

@@ -22,6 +22,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "preference": ("prompt", "chosen", "rejected", "system"),
+    "prompt": ("prompt", "reference", "system"),
 }
 FORMATS = tuple(FIELDS)
 
@@ -148,9 +149,26 @@ def from_preference(row: Row, system: str | None) -> Record:
     return {"messages": messages, "chosen": chosen, "rejected": rejected}
 
 
+def from_prompt(row: Row, system: str | None) -> Record:
+    """A prompt to answer (PPO rollouts): text or a message list ending with a user turn, and an
+    optional reference answer that rule-based rewards may check against."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _text(row, "prompt")}]
+    else:
+        roles = {"system": "system", "user": "user", "assistant": "assistant"}
+        messages = _turns(prompt, "prompt", "role", "content", roles)
+        if messages[-1]["role"] != "user":
+            raise RowError("column 'prompt' must end with a user message")
+    if messages[0]["role"] != "system":
+        messages = _system(row, system) + messages
+    reference = _text(row, "reference", required=False)
+    return {"messages": messages, **({"reference": reference} if reference else {})}
+
+
 CONVERTERS: dict[str, Callable[[Row, str | None], Record]] = {
     "text": from_text, "alpaca": from_alpaca, "qa": from_qa, "messages": from_messages, "sharegpt": from_sharegpt,
-    "preference": from_preference,
+    "preference": from_preference, "prompt": from_prompt,
 }
 
 

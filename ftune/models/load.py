@@ -130,6 +130,12 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.model)
+    from ftune.models import runs
+
+    if runs.is_run_dir(path):  # an earlier run: its base with its training merged in
+        model, tokenizer, _ = runs.load_run(Path(path), device, current=cfg, merge=True)
+        model.config.use_cache = False
+        return model, tokenizer
     quant = quantization_config(cfg)
     try:
         tokenizer = load_tokenizer(path, cfg.model)

@@ -30,9 +30,12 @@ from ftune.models import load as model_load
 from ftune.train import checkpoint, objectives
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
-from ftune.train.trainer import FitState, LoopParts, evaluate_all, fit, save_checkpoint, total_steps
+from ftune.train.heads import WithScalarHead, save_head
+from ftune.train.trainer import FitState, LoopParts, evaluate_held_out, fit, save_checkpoint, total_steps
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+# Held-out metrics printed beside the loss (preference stages, reward models, PPO).
+SHOWN_METRICS = ("accuracy", "margin", "logp_accuracy", "reward", "kl", "response_length")
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +64,16 @@ def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
     # One process may train several times (tests, notebooks): start from a clean state each time.
     AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[cfg.hardware.precision])
+
+
+def run_steps(cfg: FtuneConfig, n_samples: int) -> int:
+    """Optimiser steps of the run. PPO: each rollout of micro_batch_size x grad_accum x mini_batches
+    prompts is trained for ppo_epochs x mini_batches steps."""
+    if cfg.stage.name != "ppo" or cfg.train.max_steps > 0:
+        return total_steps(cfg.train, n_samples)
+    per_rollout = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.stage.mini_batches
+    rollouts = max(1, math.ceil(cfg.train.epochs * math.ceil(n_samples / per_rollout)))
+    return rollouts * cfg.stage.ppo_epochs * cfg.stage.mini_batches
 
 
 def progress_bar(console: Console) -> Progress:
@@ -114,10 +127,13 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    steps = total_steps(cfg.train, len(data.train))
+    steps = run_steps(cfg, len(data.train))
     base_path = model.name_or_path
     setup = Setup(total_steps=steps, model_path=base_path)
     model = apply_method(model, cfg, setup)
+    objective = objectives.get(cfg.stage)
+    if objective.wrap_model is not None:  # rm: a reward head; ppo: a value head (trained too)
+        model = objective.wrap_model(model)
     for note in [*composed.notes, *setup.notes]:
         console.print(f"[yellow]note:[/] {note}")
     trainable, total = count_parameters(model)
@@ -127,9 +143,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     optimizer = build_optimizer(model, cfg.train, hooks.lr_scale)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    objective = objectives.get(cfg.stage)
     parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
-                      tokenizer.pad_token_id, run_dir, hooks)
+                      tokenizer.pad_token_id, run_dir, hooks, cfg=cfg, tokenizer=tokenizer, steps=steps)
 
     state = FitState()
     if resume_from is not None:
@@ -137,8 +152,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         state = FitState(**{k: saved[k] for k in vars(state) if k in saved})
         console.print(f"resumed from {resume_from} at step {state.step}")
     else:
-        state.eval_before, state.eval_metrics_before = evaluate_all(
-            model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator)
+        state.eval_before, state.eval_metrics_before = evaluate_held_out(parts, cfg.train.micro_batch_size)
         console.print(f"held-out loss before training: {state.eval_before:.4f}{_fmt(state.eval_metrics_before)}")
     log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step)
     if resume_from is None:
@@ -154,16 +168,17 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         return {"stopped_at": state.step, "run_dir": str(run_dir)}
 
     def held_out() -> float:
-        return evaluate_all(model, objective, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id,
-                            accelerator)[0]
+        return evaluate_held_out(parts, cfg.train.micro_batch_size)[0]
 
-    eval_after, eval_metrics_after = evaluate_all(model, objective, data.eval, cfg.train.micro_batch_size,
-                                                  tokenizer.pad_token_id, accelerator)
-    log.write({"step": state.step, "eval_loss": eval_after})
+    eval_after, eval_metrics_after = evaluate_held_out(parts, cfg.train.micro_batch_size)
+    log.write({"step": state.step, "eval_loss": eval_after, **{f"eval_{k}": v for k, v in eval_metrics_after.items()}})
     log.close()
     unwrapped = accelerator.unwrap_model(model)
-    method_results = hooks.after_training(unwrapped, held_out)
-    saved_to = save_trained(unwrapped, tokenizer, cfg.method, base_path, run_dir / output_name(cfg.method.name))
+    trained = unwrapped.lm if isinstance(unwrapped, WithScalarHead) else unwrapped
+    method_results = hooks.after_training(trained, held_out)
+    saved_to = save_trained(trained, tokenizer, cfg.method, base_path, run_dir / output_name(cfg.method.name))
+    if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter
+        save_head(unwrapped.head, saved_to, kind="reward" if cfg.stage.name == "rm" else "value")
     plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
@@ -175,7 +190,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
            if eval_metrics_after else {}),
     }
     prompts = [[{"role": "user", "content": cfg.dataset.sample_prompt}]] if cfg.dataset.sample_prompt else data.eval_prompts
-    if cfg.train.sample_max_new_tokens and prompts:
+    if cfg.train.sample_max_new_tokens and prompts and cfg.stage.name != "rm":  # a reward model scores, it does not answer
         summary["sample_prompt"] = prompts[0][-1]["content"]
         summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], accelerator)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -184,7 +199,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
 
 def _fmt(metrics: dict) -> str:
-    return "".join(f", {k} {v:.3f}" for k, v in metrics.items() if k in ("accuracy", "margin", "logp_accuracy"))
+    return "".join(f", {k} {v:.3f}" for k, v in metrics.items() if k in SHOWN_METRICS)
 
 
 def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
@@ -207,7 +222,7 @@ def _report_summary(console: Console, s: dict) -> None:
     if "eval_metrics_after" in s:  # preference stages: the loss is not a perplexity
         before, after = s["eval_metrics_before"], s["eval_metrics_after"]
         ppl = ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}"
-                        for k in ("accuracy", "margin", "logp_accuracy") if k in after)
+                        for k in SHOWN_METRICS if k in after)
     console.print(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({better}, {ppl})")
     console.print(f"{s['train_tokens']:,} tokens in {s['train_seconds']:.0f} s of training = {s['tokens_per_s']:.0f} tokens/s; "
                   f"wall time {s['wall_seconds']:.0f} s")

@@ -78,6 +78,26 @@ def evaluate(model: Any, objective: Objective, samples: list[dict], mbs: int, pa
     return evaluate_all(model, objective, samples, mbs, pad_id, accelerator)[0]
 
 
+def evaluate_held_out(parts: "LoopParts", mbs: int) -> tuple[float, dict[str, float]]:
+    """The objective's own held-out evaluation (PPO: reward of greedy answers), else the mean loss."""
+    if parts.objective.evaluate is not None:
+        return parts.objective.evaluate(parts, parts.eval)
+    return evaluate_all(parts.model, parts.objective, parts.eval, mbs, parts.pad_id, parts.accelerator)
+
+
+class DatasetSource:
+    """Micro-batches straight from the training samples, in DataOrder."""
+
+    def __init__(self, parts: "LoopParts", cfg: TrainConfig):
+        self.parts, self.cfg = parts, cfg
+        self.order = DataOrder(len(parts.train), cfg.micro_batch_size, cfg.seed)
+
+    def batches(self, step: int) -> tuple[list[dict], dict[str, float]]:
+        first = step * self.cfg.grad_accum
+        return [self.parts.objective.collate([self.parts.train[i] for i in self.order.micro(m)], self.parts.pad_id)
+                for m in range(first, first + self.cfg.grad_accum)], {}
+
+
 def train_step(model: Any, objective: Objective, batches: list[dict], accelerator: Any, optimizer: Any,
                scheduler: Any, max_grad_norm: float, hooks: StepHooks | None = None, step: int = 0
                ) -> dict[str, float]:
@@ -123,6 +143,8 @@ class FitState:
     eval_before: float = float("nan")
     last_eval: float = float("nan")
     eval_metrics_before: dict = field(default_factory=dict)
+    objective_state: dict = field(default_factory=dict)
+    """What an objective carries from step to step (PPO: the adaptive KL coefficient)."""
 
 
 @dataclass
@@ -139,34 +161,42 @@ class LoopParts:
     pad_id: int
     run_dir: Path
     hooks: StepHooks
+    cfg: Any = None
+    """The whole FtuneConfig (stages with rollouts read their settings from it)."""
+    tokenizer: Any = None
+    steps: int = 0
+    """Optimiser steps of the run (0: derived from the samples and train settings)."""
+    cache: dict = field(default_factory=dict)
+    """Objects an objective builds once per run (PPO: the reward function)."""
 
 
 def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, progress: Any,
         stop_after: int | None = None) -> FitState:
     """Run optimiser steps from state.step to the end (or to `stop_after`, used by tests)."""
-    steps = total_steps(cfg, len(parts.train))
-    order = DataOrder(len(parts.train), cfg.micro_batch_size, cfg.seed)
+    steps = parts.steps or total_steps(cfg, len(parts.train))
+    source = (parts.objective.make_source(parts, state) if parts.objective.make_source is not None
+              else DatasetSource(parts, cfg))
+    per_epoch = math.ceil(len(parts.train) / cfg.micro_batch_size)
     task = progress.add_task("train", total=steps, completed=state.step, loss=float("nan"), tps=0.0)
     parts.model.train()
     while state.step < steps:
         start = time.perf_counter()
-        first = state.step * cfg.grad_accum
-        batches = [to_device(parts.objective.collate([parts.train[i] for i in order.micro(m)], parts.pad_id),
-                             parts.accelerator.device)
-                   for m in range(first, first + cfg.grad_accum)]
+        micro_batches, source_metrics = source.batches(state.step)
+        batches = [to_device(b, parts.accelerator.device) for b in micro_batches]
         metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
                              parts.scheduler, cfg.max_grad_norm, parts.hooks, state.step)
         elapsed = time.perf_counter() - start
         state.step += 1
         state.tokens += metrics["tokens"]
         state.train_seconds += elapsed
-        record = {"step": state.step, **metrics, "tokens_per_s": metrics["tokens"] / elapsed,
-                  "epoch": state.step * cfg.grad_accum / order.per_epoch}
+        record = {"step": state.step, **metrics, **source_metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+                  "epoch": state.step * cfg.grad_accum / per_epoch}
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
-            state.last_eval = evaluate(parts.model, parts.objective, parts.eval, cfg.micro_batch_size,
-                                       parts.pad_id, parts.accelerator)
+            state.last_eval, eval_metrics = evaluate_held_out(parts, cfg.micro_batch_size)
             record["eval_loss"] = state.last_eval
-            progress.console.print(f"step {state.step}: held-out loss {state.last_eval:.4f}")
+            record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+            progress.console.print(f"step {state.step}: held-out loss {state.last_eval:.4f}"
+                                   + "".join(f", {k} {v:.3f}" for k, v in eval_metrics.items()))
         if state.step % cfg.log_every == 0 or "eval_loss" in record:
             log.write(record)
         progress.update(task, completed=state.step, loss=metrics["loss"], tps=state.tokens / state.train_seconds)

@@ -1,0 +1,47 @@
+"""Reward model (stage rm): a scalar head scores a whole answer at its last token; the pairwise
+loss -log sigmoid(r_chosen - r_rejected - margin) teaches it to rank the chosen answer higher
+(InstructGPT's reward model, Ouyang et al. 2022; the margin as in Llama 2's reward model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftune.train.heads import WithScalarHead, last_token_scores
+from ftune.train.objectives import OBJECTIVES, Objective
+from ftune.train.objectives.dpo import collate_pairs
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                  center_coef: float = 0.0) -> torch.Tensor:
+    """Loss per pair; center_coef adds coef x (r_c + r_r)^2 to keep rewards near zero."""
+    loss = -F.logsigmoid(chosen - rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss
+
+
+def pair_scores(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores of chosen, scores of rejected) for a batch from collate_pairs."""
+    n = int(batch["n_pairs"])
+    per_token = model(batch["input_ids"], batch["attention_mask"], head="only")
+    scores = last_token_scores(per_token, batch["attention_mask"])
+    return scores[:n], scores[n:]
+
+
+def make_reward(stage: Any) -> Objective:
+    def loss(model: Any, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        chosen, rejected = pair_scores(model, batch)
+        losses = pairwise_loss(chosen, rejected, stage.margin, stage.center_rewards_coef)
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {"accuracy": float((c > r).float().sum()), "margin": float((c - r).sum()),
+                   "rewards_chosen": float(c.sum()), "rewards_rejected": float(r.sum())}
+        return losses.sum(), len(c), metrics
+
+    return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_pairs,
+                     wrap_model=lambda model: WithScalarHead(model))
+
+
+OBJECTIVES.register("pairwise")(make_reward)
