@@ -15,13 +15,26 @@ EXPECTED_RECIPES = {"smollm2-lora-sft", "smollm2-full-sft", "smollm2-lora-pt", "
                     "qlora-qwen2.5-7b", "lora-mistral-7b"}
 
 
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+    """A folder that passes the compose-time check of stage.reward_model (a run's config.yaml)."""
+    run = tmp_path_factory.mktemp("rm-run")
+    (run / "config.yaml").write_text("stage:\n  name: rm\n")
+    return run
+
+
+def extras(recipe: str, rm_run) -> list[str]:
+    """PPO recipes score with a reward model run, which a fresh checkout does not have yet."""
+    return [f"stage.reward_model={rm_run}"] if "ppo" in recipe else []
+
+
 def test_the_recipes_the_docs_promise_ship():
     assert EXPECTED_RECIPES <= set(recipe_names())
 
 
 @pytest.mark.parametrize("recipe", recipe_names())
-def test_every_recipe_composes_and_validates(recipe):
-    cfg = compose([f"recipe={recipe}"]).cfg
+def test_every_recipe_composes_and_validates(recipe, rm_run):
+    cfg = compose([f"recipe={recipe}", *extras(recipe, rm_run)]).cfg
     assert isinstance(cfg, FtuneConfig) and cfg.recipe == recipe
     assert cfg.dataset.template is not None  # derived from the model when unset
 
@@ -33,6 +46,10 @@ def test_every_group_choice_composes(group, choice):
         overrides.append("stage=pt")
     if group == "dataset" and choice == "smol-prefs" or group == "stage" and choice == "dpo":
         overrides += ["stage=dpo", "dataset=smol-prefs"]
+    if group == "stage" and choice == "rm":
+        overrides.append("dataset=smol-prefs")
+    if group == "stage" and choice == "ppo":
+        overrides.append("stage.reward=length")
     if group == "hardware" and choice != "cpu" or group == "method" and choice == "qlora":
         overrides.append("hardware=single-gpu")
     cfg = compose(overrides).cfg
@@ -42,11 +59,15 @@ def test_every_group_choice_composes(group, choice):
 
 @pytest.mark.parametrize("recipe", recipe_names())
 @pytest.mark.parametrize("method", ["full", "lora", "freeze"])
-def test_any_recipe_takes_any_method(recipe, method):
+def test_any_recipe_takes_any_method(recipe, method, rm_run):
     """Recipes set no method-specific keys, so `method=…` on the command line always composes."""
     # DPO with a method that has no adapter to disable needs a reference-free loss.
     extra = ["stage.loss=simpo"] if "dpo" in recipe and method != "lora" else []
-    cfg = compose([f"recipe={recipe}", f"method={method}", *extra]).cfg
+    if "ppo" in recipe and method != "lora":  # PPO's KL reference is the base with the adapter disabled
+        with pytest.raises(FtuneError, match="no adapter to disable"):
+            compose([f"recipe={recipe}", f"method={method}", *extras(recipe, rm_run)])
+        return
+    cfg = compose([f"recipe={recipe}", f"method={method}", *extra, *extras(recipe, rm_run)]).cfg
     assert cfg.method.name == method
 
 

@@ -160,7 +160,7 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         if src.format in FORMATS and src.format not in allowed:
             users = [stage for stage, fmts in STAGE_FORMATS.items() if src.format in fmts]
             problems.append(f"{key}.format={src.format} does not fit stage={cfg.stage.name}: it takes "
-                            f"{', '.join(allowed)}; format={src.format} is for stage {'/'.join(users)}")
+                            f"{' or '.join(f'format={a}' for a in allowed)}; format={src.format} is for {' or '.join(f'stage={u}' for u in users)}")
     _choice(problems, "dataset.template", d.template, template_names())
     _choice(problems, "dataset.train_on", d.train_on, TRAIN_ON)
     if d.max_seq_len < 16:
