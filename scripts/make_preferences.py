@@ -1,4 +1,5 @@
-"""Derive the shipped preference set data/smol-prefs.jsonl from data/smol-instruct.jsonl.
+"""Derive the shipped preference set data/smol-prefs.jsonl from data/smol-instruct.jsonl, and
+the unpaired feedback set data/smol-feedback.jsonl (for KTO) from the pairs.
 
     python scripts/make_preferences.py
 
@@ -17,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "data" / "smol-instruct.jsonl"
 TARGET = ROOT / "data" / "smol-prefs.jsonl"
+FEEDBACK = ROOT / "data" / "smol-feedback.jsonl"
 
 
 def wrong_answer(answer: str, others: list[str], rng: random.Random) -> str:
@@ -43,6 +45,13 @@ def main() -> None:
         out.append({"prompt": prompt, "chosen": r["output"], "rejected": wrong_answer(r["output"], answers, rng)})
     TARGET.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out))
     print(f"{TARGET}: {len(out)} rows")
+    # Unpaired: each prompt keeps one of its answers (chosen or rejected, seeded), labelled.
+    feedback = []
+    for row in out:
+        good = rng.random() < 0.5
+        feedback.append({"prompt": row["prompt"], "completion": row["chosen" if good else "rejected"], "label": good})
+    FEEDBACK.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in feedback))
+    print(f"{FEEDBACK}: {len(feedback)} rows ({sum(r['label'] for r in feedback)} desirable)")
 
 
 if __name__ == "__main__":

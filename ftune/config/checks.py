@@ -32,10 +32,10 @@ STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",)
 PAIR_STAGES = ("dpo", "rm")
 STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
                  "sft": ("alpaca", "qa", "messages", "sharegpt"),
-                 "dpo": ("preference",), "rm": ("preference",),
+                 "dpo": ("preference", "feedback"), "rm": ("preference",),
                  "ppo": ("prompt", "alpaca", "qa", "messages", "sharegpt", "preference")}
 PPO_REWARDS = ("model", "length", "regex", "reference")
-DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo")
+DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo", "kto")
 # Methods whose model can run with the adapter disabled (the free DPO reference).
 PEFT_METHODS = ("lora", "lora-attn", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
                 "adalora", "vera", "longlora")
@@ -182,9 +182,17 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
         _positive(problems, "stage.beta", stage.beta)
         if stage.loss == "cdpo" and not 0 < stage.label_smoothing < 0.5:
             problems.append(f"stage.label_smoothing must be in (0, 0.5) for stage.loss=cdpo (got {stage.label_smoothing})")
-        if stage.loss not in ("simpo", "orpo") and cfg.method.name not in PEFT_METHODS:
+        if stage.loss not in ("simpo", "orpo") and cfg.method.name not in PEFT_METHODS and not stage.reference:
             problems.append(f"stage.loss={stage.loss} needs a reference model: with method={cfg.method.name} there is "
-                            "no adapter to disable; use an adapter method (lora, …) or stage.loss=simpo|orpo")
+                            "no adapter to disable; set stage.reference=<model path or run dir>, use an adapter "
+                            "method (lora, …), or stage.loss=simpo|orpo")
+        for i, src in enumerate(cfg.dataset.sources):
+            if (stage.loss == "kto") != (src.format == "feedback"):
+                problems.append(f"dataset.sources[{i}].format={src.format}: stage.loss=kto takes format=feedback "
+                                "(prompt, completion, label), the other DPO losses take format=preference")
+        if stage.loss == "kto":
+            _positive(problems, "stage.kto_desirable_weight", stage.kto_desirable_weight)
+            _positive(problems, "stage.kto_undesirable_weight", stage.kto_undesirable_weight)
     if cfg.stage.name == "rm" and cfg.stage.margin < 0:
         problems.append(f"stage.margin must be >= 0 (got {cfg.stage.margin})")
     if cfg.stage.name == "ppo":

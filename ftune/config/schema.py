@@ -123,7 +123,8 @@ class DpoStageConfig(StageConfig):
     loss: str = "sigmoid"
     """sigmoid (DPO, Rafailov et al. 2023) | cdpo (DPO with label_smoothing, conservative DPO) |
     ipo (Azar et al. 2023) | simpo (reference-free, length-normalised, Meng et al. 2024) |
-    orpo (SFT loss + odds-ratio term, reference-free, Hong et al. 2024)."""
+    orpo (SFT loss + odds-ratio term, reference-free, Hong et al. 2024) |
+    kto (unpaired desirable/undesirable answers, dataset format feedback, Ethayarajh et al. 2024)."""
     beta: float = 0.1
     """Strength of the implicit KL constraint (DPO, IPO's 1/(2 beta) target) or reward scale (SimPO)."""
     label_smoothing: float = 0.0
@@ -132,6 +133,17 @@ class DpoStageConfig(StageConfig):
     """SimPO target margin gamma as a fraction of beta."""
     orpo_lambda: float = 0.1
     """ORPO weight of the odds-ratio term beside the SFT loss."""
+    kto_desirable_weight: float = 1.0
+    """KTO weight lambda_D of desirable answers (raise it when they are rarer than undesirable ones)."""
+    kto_undesirable_weight: float = 1.0
+    """KTO weight lambda_U of undesirable answers."""
+    reference: Optional[str] = None
+    """A separate reference model (hub id, folder, .gguf or run directory), e.g. for method=full.
+    Its log-probs are computed once before training and the model is freed again. Unset: the
+    trained model with its adapter disabled."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs of every sample once before training (one extra pass over
+    the data instead of one extra forward per step)."""
 
 
 @dataclass

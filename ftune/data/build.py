@@ -103,6 +103,8 @@ def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any, st
         return tokenize_prompts(records, template, cfg, tokenizer)
     if records and "chosen" in records[0]:
         return tokenize_pairs(records, template, cfg, tokenizer)
+    if records and "completion" in records[0]:
+        return tokenize_feedback(records, template, cfg, tokenizer)
     segment_lists = [templates.render(r, template, tokenizer) for r in records]
     return tokenize_all(segment_lists, tokenizer, cfg.max_seq_len, cfg.train_on)
 
@@ -125,6 +127,30 @@ def tokenize_pairs(records: list[dict], template: Any, cfg: DatasetConfig, token
         stats.tokens += len(c["input_ids"]) + len(r["input_ids"])
         stats.trained_tokens += sum(x != -100 for x in c["labels"][1:]) + sum(x != -100 for x in r["labels"][1:])
     return pairs, stats
+
+
+def tokenize_feedback(records: list[dict], template: Any, cfg: DatasetConfig, tokenizer: Any
+                      ) -> tuple[list[dict], TokenStats]:
+    """Unpaired feedback (KTO) -> samples masked like SFT, each with a `label` (desirable or not)
+    and a mismatched row for KTO's KL estimate: this prompt with the next sample's answer (a fixed
+    pairing, so the reference log-probs of these rows can be computed once)."""
+    convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r["completion"]}]} for r in records]
+    samples, stats = tokenize_all([templates.render(c, template, tokenizer) for c in convs], tokenizer,
+                                  cfg.max_seq_len, "last", drop_empty=False)
+    kept = [(s, r["label"]) for s, r in zip(samples, records) if s is not None]
+
+    def split(sample: dict) -> int:  # where the answer's labelled tokens start
+        return next(i for i, label in enumerate(sample["labels"]) if i > 0 and label != -100)
+
+    out = []
+    for i, (sample, label) in enumerate(kept):
+        other = kept[(i + 1) % len(kept)][0]
+        p, a = split(sample), split(other)
+        kl_ids = sample["input_ids"][:p] + other["input_ids"][a:]
+        kl_labels = [-100] * p + other["labels"][a:]
+        out.append({**sample, "label": bool(label), "kl": {"input_ids": kl_ids[:cfg.max_seq_len + 64],
+                                                           "labels": kl_labels[:cfg.max_seq_len + 64]}})
+    return out, stats
 
 
 def prompt_of(record: dict) -> tuple[list[dict], str | None]:

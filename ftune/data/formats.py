@@ -23,6 +23,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations",),
     "preference": ("prompt", "chosen", "rejected", "system"),
     "prompt": ("prompt", "reference", "system"),
+    "feedback": ("prompt", "completion", "label", "system"),
 }
 FORMATS = tuple(FIELDS)
 
@@ -166,9 +167,34 @@ def from_prompt(row: Row, system: str | None) -> Record:
     return {"messages": messages, **({"reference": reference} if reference else {})}
 
 
+LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False,
+          "good": True, "bad": False, "desirable": True, "undesirable": False}
+
+
+def from_feedback(row: Row, system: str | None) -> Record:
+    """Unpaired feedback (KTO): a prompt, one answer, and whether the answer is desirable."""
+    before, completion = _answer(row.get("completion"), "completion")
+    label = row.get("label")
+    key = label.strip().lower() if isinstance(label, str) else label
+    if isinstance(key, float) and key in (0.0, 1.0):
+        key = int(key)
+    if key not in LABELS:
+        raise RowError(f"column 'label' must be true/false (or 1/0, good/bad), got {label!r}")
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        messages = _turns(prompt, "prompt", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+    elif before:
+        messages = before
+    else:
+        messages = [{"role": "user", "content": _text(row, "prompt")}]
+    if messages[0]["role"] != "system":
+        messages = _system(row, system) + messages
+    return {"messages": messages, "completion": completion, "label": LABELS[key]}
+
+
 CONVERTERS: dict[str, Callable[[Row, str | None], Record]] = {
     "text": from_text, "alpaca": from_alpaca, "qa": from_qa, "messages": from_messages, "sharegpt": from_sharegpt,
-    "preference": from_preference, "prompt": from_prompt,
+    "preference": from_preference, "prompt": from_prompt, "feedback": from_feedback,
 }
 
 

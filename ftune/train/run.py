@@ -131,6 +131,12 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     base_path = model.name_or_path
     setup = Setup(total_steps=steps, model_path=base_path)
     model = apply_method(model, cfg, setup)
+    if cfg.stage.name == "dpo":
+        from ftune.train.objectives.dpo import prepare_reference
+
+        with console.status("reference log-probs"):
+            note = prepare_reference(cfg, model, data, tokenizer.pad_token_id, device, accelerator)
+        setup.notes += [note] if note else []
     objective = objectives.get(cfg.stage)
     if objective.wrap_model is not None:  # rm: a reward head; ppo: a value head (trained too)
         model = objective.wrap_model(model)

@@ -1,9 +1,12 @@
 """The DPO family on preference pairs: DPO (sigmoid), conservative DPO (label smoothing), IPO,
-SimPO and ORPO. Chosen and rejected answers go through the model in one concatenated forward.
+SimPO and ORPO; and KTO on unpaired feedback. Chosen and rejected answers (KTO: answers and their
+mismatched KL rows) go through the model in one concatenated forward.
 
 Reference log-probs come from the same model with its adapter disabled (no second copy of the
-base); SimPO and ORPO need no reference. Every loss is a function of per-sequence summed log-probs
-and token counts, so the formulas below can be checked against the papers on plain numbers.
+base), or are computed once before training (stage.precompute_reference, and always for a
+separate stage.reference model, which is then freed); SimPO and ORPO need no reference. Every
+loss is a function of per-sequence summed log-probs and token counts, so the formulas below can
+be checked against the papers on plain numbers.
 """
 
 from __future__ import annotations
@@ -21,10 +24,38 @@ from ftune.train.objectives import OBJECTIVES, Objective
 REFERENCE_FREE = ("simpo", "orpo")
 
 
+# Each sample's rows, in the order its collate puts them, and where their reference log-prob is kept.
+PAIR_ROWS = (("chosen", "ref_chosen"), ("rejected", "ref_rejected"))
+KTO_ROWS = ((None, "ref"), ("kl", "ref_kl"))
+
+
+def _rows(samples: list[dict], spec: tuple) -> tuple[list[dict], torch.Tensor | None]:
+    """Rows grouped by kind (all first rows, then all second rows) and their precomputed
+    reference log-probs when every sample has them."""
+    rows = [s if key is None else s[key] for key, _ in spec for s in samples]
+    have = all(ref in s for _, ref in spec for s in samples)
+    refs = torch.tensor([s[ref] for _, ref in spec for s in samples], dtype=torch.float32) if have else None
+    return rows, refs
+
+
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows, padded together: one forward for both."""
-    batch = collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
+    rows, refs = _rows(pairs, PAIR_ROWS)
+    batch = collate(rows, pad_id)
     batch["n_pairs"] = torch.tensor(len(pairs))
+    if refs is not None:
+        batch["ref_logps"] = refs
+    return batch
+
+
+def collate_kto(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Answers first, then their mismatched KL rows (prompt i with answer i+1)."""
+    rows, refs = _rows(samples, KTO_ROWS)
+    batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_id)
+    batch["n_pairs"] = torch.tensor(len(samples))
+    batch["desirable"] = torch.tensor([s["label"] for s in samples])
+    if refs is not None:
+        batch["ref_logps"] = refs
     return batch
 
 
@@ -39,6 +70,8 @@ def sequence_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def reference_logps(model: Any, batch: dict) -> torch.Tensor:
+    if "ref_logps" in batch:  # computed once before training
+        return batch["ref_logps"]
     if not hasattr(model, "disable_adapter"):
         raise FtuneError("stage=dpo needs reference log-probs: train an adapter method (lora, …), whose disabled "
                          "adapter is the reference, or use stage.loss=simpo|orpo (reference-free)")
@@ -69,7 +102,85 @@ def pair_losses(stage: Any, pc: torch.Tensor, pr: torch.Tensor, lc: torch.Tensor
     raise FtuneError(f"stage.loss: unknown DPO-family loss '{stage.loss}'")
 
 
+def kto_losses(stage: Any, logps: torch.Tensor, ref: torch.Tensor, kl_logps: torch.Tensor, kl_ref: torch.Tensor,
+               desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per answer, implicit reward per answer, the KL reference point z0).
+
+    KTO (Ethayarajh et al. 2024): r = log pi/pi_ref of the answer; z0 = max(0, mean KL estimate
+    over mismatched prompt/answer rows), held constant; desirable answers lose
+    lambda_D (1 - sigmoid(beta (r - z0))), undesirable ones lambda_U (1 - sigmoid(beta (z0 - r)))."""
+    beta = stage.beta
+    z0 = (kl_logps - kl_ref).mean().clamp(min=0).detach()
+    reward = logps - ref
+    good = stage.kto_desirable_weight * (1 - torch.sigmoid(beta * (reward - z0)))
+    bad = stage.kto_undesirable_weight * (1 - torch.sigmoid(beta * (z0 - reward)))
+    return torch.where(desirable, good, bad), beta * reward, z0
+
+
+def make_kto(stage: Any) -> Objective:
+    def loss(model: Any, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        n = int(batch["n_pairs"])
+        logps, _ = sequence_logps(model, batch)
+        ref = reference_logps(model, batch)
+        desirable = batch["desirable"].bool()
+        losses, rewards, z0 = kto_losses(stage, logps[:n], ref[:n], logps[n:], ref[n:], desirable)
+        rewards = rewards.detach()
+        metrics = {"accuracy": float(((rewards > 0) == desirable).float().sum()), "kl": float(z0) * n,
+                   "rewards_desirable": float(rewards[desirable].sum()),
+                   "rewards_undesirable": float(rewards[~desirable].sum())}
+        return losses.sum(), n, metrics
+
+    return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_kto)
+
+
+def precompute_reference(samples: list[dict], reference: Any, mbs: int, pad_id: int, accelerator: Any,
+                         kto: bool) -> None:
+    """Store every row's reference log-prob in its sample (ref_chosen/ref_rejected or ref/ref_kl)."""
+    spec = KTO_ROWS if kto else PAIR_ROWS
+    jobs = [(s, ref, s if key is None else s[key]) for s in samples for key, ref in spec]
+    was_training = reference.training
+    reference.eval()
+    with torch.no_grad():
+        for i in range(0, len(jobs), 2 * mbs):
+            chunk = jobs[i:i + 2 * mbs]
+            batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for _, _, r in chunk], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                logps = sequence_logps(reference, batch)[0].float().cpu().tolist()
+            for (sample, ref, _), value in zip(chunk, logps):
+                sample[ref] = value
+    reference.train(was_training)
+
+
+def prepare_reference(cfg: Any, model: Any, data: Any, pad: int, device: Any, accelerator: Any) -> str | None:
+    """Reference log-probs computed once, when the stage asks for it; returns a note or None.
+    A separate reference model is loaded, used for one pass and freed: it never sits in memory
+    beside the trained model."""
+    stage = cfg.stage
+    if stage.loss in REFERENCE_FREE or not (stage.reference or stage.precompute_reference):
+        return None
+    import dataclasses
+
+    from ftune.models.load import load
+
+    kto, mbs = stage.loss == "kto", cfg.train.micro_batch_size
+    if stage.reference:
+        ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=stage.reference))
+        reference, _ = load(ref_cfg, device)
+        for samples in (data.train, data.eval):
+            precompute_reference(samples, reference, mbs, pad, accelerator, kto)
+        del reference
+        return f"reference log-probs computed once with {stage.reference}"
+    with model.disable_adapter():
+        for samples in (data.train, data.eval):
+            precompute_reference(samples, model, mbs, pad, accelerator, kto)
+    return "reference log-probs computed once (adapter disabled); no reference forward during training"
+
+
 def make_dpo(stage: Any) -> Objective:
+    if stage.loss == "kto":
+        return make_kto(stage)
+
     def loss(model: Any, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         n = int(batch["n_pairs"])
         logps, counts = sequence_logps(model, batch)
