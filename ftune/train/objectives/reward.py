@@ -36,7 +36,8 @@ def make_reward(stage: Any) -> Objective:
         chosen, rejected = pair_scores(model, batch)
         losses = pairwise_loss(chosen, rejected, stage.margin, stage.center_rewards_coef)
         c, r = chosen.detach(), rejected.detach()
-        metrics = {"accuracy": float((c > r).float().sum()), "margin": float((c - r).sum()),
+        # A tie counts half: an untrained (zero) head is at chance, 0.5, not 0.
+        metrics = {"accuracy": float((c > r).float().sum() + 0.5 * (c == r).float().sum()), "margin": float((c - r).sum()),
                    "rewards_chosen": float(c.sum()), "rewards_rejected": float(r.sum())}
         return losses.sum(), len(c), metrics
 
