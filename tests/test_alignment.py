@@ -198,3 +198,18 @@ def test_a_run_directory_is_a_model_path_with_its_training_merged(tiny_overrides
     s = train(compose(["recipe=smollm2-dpo", *tiny_overrides, f"model.path={sft}", "train.max_steps=2",
                        "train.run_name=dpo"]))
     assert s["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-5)  # the reference is the SFT model
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["recipe=smollm2-dpo"], "rejected"),
+    (["recipe=smollm2-dpo", "dataset=smol-feedback", "stage.loss=kto"], "desirable"),
+    (["recipe=smollm2-ppo", "stage.reward=reference"], "reference:"),
+])
+def test_data_preview_shows_every_stage_kind(tiny_model_dir, overrides, expect):
+    from rich.console import Console
+
+    from ftune.data.preview import preview
+
+    console = Console(record=True, width=120)
+    preview(compose([*overrides, f"model.path={tiny_model_dir}"]).cfg, 2, console)
+    assert expect in console.export_text()

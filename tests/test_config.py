@@ -12,7 +12,8 @@ from ftune.config.schema import FtuneConfig, LoraConfig
 from ftune.errors import FtuneError
 
 EXPECTED_RECIPES = {"smollm2-lora-sft", "smollm2-full-sft", "smollm2-lora-pt", "qlora-llama7b", "lora-llama3-8b",
-                    "qlora-qwen2.5-7b", "lora-mistral-7b"}
+                    "qlora-qwen2.5-7b", "lora-mistral-7b", "smollm2-dpo", "dpo-llama3-8b-lora", "smollm2-rm", "smollm2-ppo",
+                    "ppo-llama2-7b-qlora"}
 
 
 @pytest.fixture(scope="module")

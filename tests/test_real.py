@@ -67,3 +67,13 @@ def test_dpo_raises_preference_margin_and_accuracy(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert after["margin"] > 0.2 and after["accuracy"] > 0.6
     assert after["logp_accuracy"] >= before["logp_accuracy"]
+
+
+def test_reward_model_ranks_held_out_pairs_above_chance(tmp_path):
+    summary = train(compose(["recipe=smollm2-rm", "train.max_steps=20", "dataset.eval_max_rows=32",
+                             "train.eval_every=0", "train.save_every=0", f"train.output_dir={tmp_path}",
+                             "train.run_name=rm"]))
+    before, after = summary["eval_metrics_before"], summary["eval_metrics_after"]
+    assert before["accuracy"] == 0.5  # the zero-initialised head ties every pair
+    assert after["accuracy"] >= 0.7 and after["margin"] > 0.5, summary
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]

@@ -25,13 +25,21 @@ def colour_sample(sample: dict, tokenizer: Any) -> Text:
 def preview(cfg: FtuneConfig, n: int, console: Console) -> None:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
     train, _ = split_records(cfg.dataset, cfg.train.seed)
-    samples, stats = tokenize_records(train[:n], cfg.dataset, tokenizer)
+    samples, stats = tokenize_records(train[:n], cfg.dataset, tokenizer, cfg.stage.name)
     console.print(f"dataset={cfg.dataset.name} template={cfg.dataset.template} train_on={cfg.dataset.train_on} "
                   f"max_seq_len={cfg.dataset.max_seq_len}   [bold green]trained[/] / [dim]masked[/]")
     for i, sample in enumerate(samples):
-        trained = sum(label != IGNORE for label in sample["labels"][1:])
-        console.rule(f"sample {i + 1}: {len(sample['input_ids'])} tokens, {trained} trained, "
-                     f"{len(sample['input_ids']) - trained} masked")
-        console.print(colour_sample(sample, tokenizer))
+        if "prompt_ids" in sample:  # PPO: the prompt the policy answers, and the reference answer
+            console.rule(f"prompt {i + 1}: {len(sample['prompt_ids'])} tokens")
+            console.print(Text(tokenizer.decode(sample["prompt_ids"]), style="dim"))
+            console.print(f"[bold]reference:[/] {sample.get('reference')}")
+            continue
+        parts = [("chosen", sample["chosen"]), ("rejected", sample["rejected"])] if "chosen" in sample else [
+            ("desirable" if sample["label"] else "undesirable", sample) if "label" in sample else ("", sample)]
+        for kind, row in parts:
+            trained = sum(label != IGNORE for label in row["labels"][1:])
+            console.rule(f"sample {i + 1}{' ' + kind if kind else ''}: {len(row['input_ids'])} tokens, {trained} "
+                         f"trained, {len(row['input_ids']) - trained} masked")
+            console.print(colour_sample(row, tokenizer))
     if stats.truncated:
         console.print(f"[yellow]{stats.truncated} of these samples were truncated to {cfg.dataset.max_seq_len} tokens")
