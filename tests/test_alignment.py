@@ -213,3 +213,12 @@ def test_data_preview_shows_every_stage_kind(tiny_model_dir, overrides, expect):
     console = Console(record=True, width=120)
     preview(compose([*overrides, f"model.path={tiny_model_dir}"]).cfg, 2, console)
     assert expect in console.export_text()
+
+
+@pytest.mark.parametrize("method", ["full", "prompt", "ia3"])
+def test_reward_model_with_other_methods(tiny_overrides, method):
+    """The head reads the body's hidden states (full, ia3) or the full forward's (soft prompts)."""
+    s = train(compose(["recipe=smollm2-rm", *tiny_overrides, f"method={method}", "train.max_steps=3",
+                       f"train.run_name=rm-{method}", "train.lr=1e-2", "dataset.eval_max_rows=8"]))
+    assert s["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
+    assert s["eval_loss_after"] != s["eval_loss_before"] and math.isfinite(s["eval_loss_after"])

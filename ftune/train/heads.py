@@ -88,6 +88,11 @@ class WithScalarHead(torch.nn.Module):
         return self.lm.generate(*args, **kwargs)
 
 
+def unwrap_head(model: Any) -> Any:
+    """The model the method built (without the stage's scalar head)."""
+    return model.lm if isinstance(model, WithScalarHead) else model
+
+
 def last_token_scores(per_token: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The score at each row's last real token (rows are right-padded)."""
     last = attention_mask.sum(-1).clamp(min=1) - 1

@@ -30,7 +30,7 @@ from ftune.models import load as model_load
 from ftune.train import checkpoint, objectives
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
-from ftune.train.heads import WithScalarHead, save_head
+from ftune.train.heads import WithScalarHead, save_head, unwrap_head
 from ftune.train.trainer import FitState, LoopParts, evaluate_held_out, fit, save_checkpoint, total_steps
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -180,7 +180,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     log.write({"step": state.step, "eval_loss": eval_after, **{f"eval_{k}": v for k, v in eval_metrics_after.items()}})
     log.close()
     unwrapped = accelerator.unwrap_model(model)
-    trained = unwrapped.lm if isinstance(unwrapped, WithScalarHead) else unwrapped
+    trained = unwrap_head(unwrapped)
     method_results = hooks.after_training(trained, held_out)
     saved_to = save_trained(trained, tokenizer, cfg.method, base_path, run_dir / output_name(cfg.method.name))
     if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter

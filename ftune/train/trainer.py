@@ -19,6 +19,7 @@ import torch
 from ftune.config.schema import TrainConfig
 from ftune.methods import StepHooks
 from ftune.train import checkpoint
+from ftune.train.heads import unwrap_head
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives import Objective
 
@@ -103,7 +104,8 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
                ) -> dict[str, float]:
     """One optimiser step over several micro-batches; returns the step's metrics."""
     hooks = hooks or StepHooks()
-    inner = accelerator.unwrap_model(model)
+    # Method hooks see the model their method built, inside a stage's scalar head (rm, ppo).
+    inner = unwrap_head(accelerator.unwrap_model(model))
     hooks.before_step(inner, step)
     n_targets = sum(objective.count(b) for b in batches)
     loss_total, sums = 0.0, {}
