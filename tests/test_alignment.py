@@ -222,3 +222,21 @@ def test_reward_model_with_other_methods(tiny_overrides, method):
                        f"train.run_name=rm-{method}", "train.lr=1e-2", "dataset.eval_max_rows=8"]))
     assert s["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
     assert s["eval_loss_after"] != s["eval_loss_before"] and math.isfinite(s["eval_loss_after"])
+
+
+@pytest.mark.parametrize("shares", [False, True])
+def test_value_loss_reaches_the_adapter_only_with_a_shared_trunk(tiny_model_dir, shares):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftune.train.heads import WithScalarHead
+
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                                            init_lora_weights=False))
+    model = WithScalarHead(lm, init_std=0.1, trunk_grad=shares)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    _, values = model(ids, torch.ones_like(ids), head="with_logits")
+    values.sum().backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert model.head.weight.grad is not None
+    assert any(g is not None and g.abs().sum() > 0 for g in lora_grads) == shares

@@ -207,6 +207,13 @@ class PpoStageConfig(StageConfig):
     """Clip of the value prediction around its rollout value."""
     vf_coef: float = 0.1
     """Weight of the value loss."""
+    value_lr_ratio: float = 10.0
+    """Learning rate of the value head as a multiple of train.lr (a small linear head starting from
+    scratch needs larger steps than the adapter)."""
+    value_shares_trunk: bool = False
+    """false: the value head reads the policy's hidden states without sending gradients back, so the
+    value loss never moves the policy (measured: with a shared trunk, the early value error's
+    gradient dominates and lowers the reward). true: the value loss also trains the adapter."""
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over each rollout batch."""
     score_clip: float = 0.0

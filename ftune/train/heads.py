@@ -48,9 +48,11 @@ def last_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
 class WithScalarHead(torch.nn.Module):
     """`lm` (the trained model, possibly a PeftModel) + a linear head giving one scalar per token."""
 
-    def __init__(self, lm: Any, init_std: float = 0.0):
+    def __init__(self, lm: Any, init_std: float = 0.0, trunk_grad: bool = True):
         super().__init__()
         self.lm = lm
+        self.trunk_grad = trunk_grad
+        """False: head="with_logits" values do not backpropagate into the LM (PPO's separate critic)."""
         param = next(lm.parameters())
         self.head = torch.nn.Linear(hidden_size(lm), 1, device=param.device, dtype=torch.float32)
         # A zero head starts every score at 0: a reward model starts at chance with no bias, and
@@ -75,6 +77,7 @@ class WithScalarHead(torch.nn.Module):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           output_hidden_states=True, use_cache=False)
             hidden = out.hidden_states[-1][:, -input_ids.shape[1]:]
+            hidden = hidden if self.trunk_grad else hidden.detach()
             values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
             return out.logits[:, -input_ids.shape[1]:], values
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)

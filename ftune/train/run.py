@@ -76,6 +76,13 @@ def run_steps(cfg: FtuneConfig, n_samples: int) -> int:
     return rollouts * cfg.stage.ppo_epochs * cfg.stage.mini_batches
 
 
+def lr_scale_for(cfg: FtuneConfig, hooks: Any) -> Any:
+    """The method's per-parameter learning-rate scale, and PPO's larger one for its value head."""
+    if cfg.stage.name != "ppo":
+        return hooks.lr_scale
+    return lambda name: cfg.stage.value_lr_ratio if name.startswith("head.") else hooks.lr_scale(name)
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
@@ -146,7 +153,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     hooks = hooks_for(cfg)
-    optimizer = build_optimizer(model, cfg.train, hooks.lr_scale)
+    optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
     scheduler = build_scheduler(optimizer, cfg.train, steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,

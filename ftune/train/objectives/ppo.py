@@ -150,11 +150,16 @@ class Rollouts:
             ref_logp = token_logps(ref_logits[:, start - 1:start - 1 + n], batch["response"])
         return logp, ref_logp, values[:, start - 1:start - 1 + n].float()
 
-    def experience(self, samples: list[dict], kl_coef: float) -> tuple[dict, dict[str, float]]:
-        """One micro-batch of experience and its rollout metrics (sums over answers)."""
+    def experience(self, samples: list[dict], kl_coef: float, init_values: bool = False
+                   ) -> tuple[dict, dict[str, float]]:
+        """One micro-batch of experience and its rollout metrics (sums over answers).
+        init_values: start the critic at this batch's mean score (its bias), not at 0."""
         batch = self.generate(samples, greedy=False)
         mask = batch["response_mask"]
         scores = self.score(samples, batch)
+        if init_values:
+            with torch.no_grad():
+                self.parts.accelerator.unwrap_model(self.parts.model).head.bias.fill_(float(scores.mean()))
         logp, ref_logp, values = self.logps_and_values(batch)
         per_token = kl_rewards(scores, logp, ref_logp, mask, kl_coef)
         advantages, returns = gae(per_token, values, mask, self.stage.gamma, self.stage.lam)
@@ -201,7 +206,9 @@ class PpoSource:
         first = r * self.micro_per_rollout
         buffer, sums = [], {}
         for m in range(first, first + self.micro_per_rollout):
-            batch, metrics = self.rollouts.experience([self.parts.train[i] for i in self.order.micro(m)], coef)
+            init = not self.state.objective_state.get("values_initialised")
+            batch, metrics = self.rollouts.experience([self.parts.train[i] for i in self.order.micro(m)], coef, init)
+            self.state.objective_state["values_initialised"] = True
             buffer.append(batch)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -272,7 +279,8 @@ def make_ppo(stage: Any) -> Objective:
         return -total / n, {"reward": total / n, "kl": kl / n, "response_length": length / n}
 
     return Objective(loss=loss, count=lambda batch: int(batch["response_mask"].sum()), collate=lambda s, pad: {},
-                     wrap_model=lambda model: WithScalarHead(model), make_source=PpoSource, evaluate=evaluate)
+                     wrap_model=lambda model: WithScalarHead(model, trunk_grad=stage.value_shares_trunk),
+                     make_source=PpoSource, evaluate=evaluate)
 
 
 OBJECTIVES.register("ppo")(make_ppo)
