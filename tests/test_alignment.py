@@ -240,3 +240,14 @@ def test_value_loss_reaches_the_adapter_only_with_a_shared_trunk(tiny_model_dir,
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert model.head.weight.grad is not None
     assert any(g is not None and g.abs().sum() > 0 for g in lora_grads) == shares
+
+
+def test_critic_warmup_trains_only_the_value_head(tiny_overrides, tmp_path):
+    from safetensors.torch import load_file
+
+    train(compose(["recipe=smollm2-ppo", *tiny_overrides, "stage.reward=length", "stage.max_new_tokens=6",
+                   "stage.critic_warmup=5", "train.max_steps=4", "train.run_name=warm", "dataset.eval_max_rows=2"]))
+    adapter = load_file(str(tmp_path / "outputs" / "warm" / "adapter" / "adapter_model.safetensors"))
+    head = load_file(str(tmp_path / "outputs" / "warm" / "adapter" / "scalar_head.safetensors"))
+    assert all(float(t.abs().sum()) == 0.0 for n, t in adapter.items() if "lora_B" in n)  # the policy did not move
+    assert float(head["weight"].abs().sum()) > 0  # the critic did

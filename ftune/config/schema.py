@@ -210,6 +210,9 @@ class PpoStageConfig(StageConfig):
     value_lr_ratio: float = 10.0
     """Learning rate of the value head as a multiple of train.lr (a small linear head starting from
     scratch needs larger steps than the adapter)."""
+    critic_warmup: int = 0
+    """Rollouts at the start that train only the value head (the policy waits until the critic
+    gives per-prompt baselines; a reward model's scores differ a lot between kinds of prompts)."""
     value_shares_trunk: bool = False
     """false: the value head reads the policy's hidden states without sending gradients back, so the
     value loss never moves the policy (measured: with a shared trunk, the early value error's

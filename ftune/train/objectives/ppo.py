@@ -15,6 +15,7 @@ starts at the same column `start` in every row of a micro-batch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -105,7 +106,7 @@ class Rollouts:
         model: WithScalarHead = acc.unwrap_model(self.parts.model)
         ids, mask = (t.to(acc.device) for t in left_pad([s["prompt_ids"] for s in samples], pad))
         sampling = {} if greedy else dict(do_sample=True, temperature=st.temperature, top_p=st.top_p,
-                                          top_k=st.top_k or None)
+                                          top_k=st.top_k)
         with torch.no_grad(), acc.autocast():
             out = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=st.max_new_tokens,
                                     eos_token_id=self.stops, pad_token_id=pad, use_cache=True,
@@ -126,8 +127,8 @@ class Rollouts:
         texts = self.tokenizer.batch_decode(batch["response"] * batch["response_mask"].long()
                                             + self.tokenizer.pad_token_id * (1 - batch["response_mask"].long()),
                                             skip_special_tokens=True)
-        values = self.scores([s["messages"] for s in samples], [t.strip() for t in texts],
-                             [s.get("reference") for s in samples])
+        self.texts = [t.strip() for t in texts]
+        values = self.scores([s["messages"] for s in samples], self.texts, [s.get("reference") for s in samples])
         scores = torch.tensor(values, dtype=torch.float32, device=batch["response"].device)
         st = self.stage
         if st.missing_eos_penalty:
@@ -164,6 +165,8 @@ class Rollouts:
         per_token = kl_rewards(scores, logp, ref_logp, mask, kl_coef)
         advantages, returns = gae(per_token, values, mask, self.stage.gamma, self.stage.lam)
         kl = ((logp - ref_logp) * mask).sum(-1)
+        self.last_texts = [{"prompt": s["messages"][-1]["content"], "answer": t, "score": float(x), "kl": float(k)}
+                           for s, t, x, k in zip(samples, self.texts, scores, kl)]
         batch.update(old_logp=logp, old_values=values, advantages=advantages, returns=returns,
                      num_tokens=batch["attention_mask"].sum())
         metrics = {"reward": float(scores.sum()), "kl": float(kl.sum()), "response_length": float(mask.sum()),
@@ -204,15 +207,19 @@ class PpoSource:
         model.eval()
         coef = self.state.objective_state["kl_coef"]
         first = r * self.micro_per_rollout
-        buffer, sums = [], {}
+        buffer, sums, answers = [], {}, []
         for m in range(first, first + self.micro_per_rollout):
             init = not self.state.objective_state.get("values_initialised")
             batch, metrics = self.rollouts.experience([self.parts.train[i] for i in self.order.micro(m)], coef, init)
             self.state.objective_state["values_initialised"] = True
             buffer.append(batch)
+            answers += self.rollouts.last_texts
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         model.train(was_training)
+        # Every answer with its score, so a user can see what the reward rewards.
+        with open(self.parts.run_dir / "rollouts.jsonl", "a") as f:
+            f.writelines(json.dumps({"rollout": r, **a}, ensure_ascii=False) + "\n" for a in answers)
         if self.stage.whiten_advantages:  # over the whole rollout, not per micro-batch
             flat_adv = torch.cat([b["advantages"][b["response_mask"].bool()] for b in buffer])
             mean, std = flat_adv.mean(), flat_adv.std() if flat_adv.numel() > 1 else torch.tensor(1.0)
@@ -221,6 +228,9 @@ class PpoSource:
         n = sums.pop("answers")
         self.metrics = {f"rollout_{k}": v / n for k, v in sums.items()}
         self.metrics["kl_coef"] = coef
+        warm = float(r >= self.stage.critic_warmup)  # 0: a critic warm-up rollout, the policy is not trained
+        for b in buffer:
+            b["policy_weight"] = torch.tensor(warm)
         if self.stage.adaptive_kl:
             self.state.objective_state["kl_coef"] = adapt_kl_coef(coef, self.metrics["rollout_kl"], self.stage.target_kl,
                                                                   int(n), self.stage.kl_horizon)
@@ -247,7 +257,7 @@ def make_ppo(stage: Any) -> Objective:
         logp = log_probs.gather(-1, batch["response"].unsqueeze(-1)).squeeze(-1)
         pg, clipped = policy_loss(logp, batch["old_logp"], batch["advantages"], stage.cliprange)
         vf = value_loss(values, batch["old_values"], batch["returns"], stage.cliprange_value)
-        total = ((pg + stage.vf_coef * vf) * mask).sum()
+        total = ((batch["policy_weight"] * pg + stage.vf_coef * vf) * mask).sum()
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1)
             approx_kl = 0.5 * (logp - batch["old_logp"]) ** 2
