@@ -91,7 +91,7 @@ def main() -> None:
         "|---|---|---|---|---:|---:|---:|",
         row("SFT", sft, []),
         row("RM", rm, ["accuracy", "margin"]),
-        row("PPO", ppo, ["reward", "kl", "response_length"]),
+        row("PPO", ppo, ["reward", "logratio", "response_length"]),
         row("DPO", dpo, ["accuracy", "margin", "logp_accuracy"]),
         row("KTO", kto, ["accuracy", "kl"]),
         "",

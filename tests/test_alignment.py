@@ -162,7 +162,7 @@ def test_ppo_with_a_rule_reward_trains_policy_and_value_head(tiny_overrides, tmp
     # adapts once per rollout.
     assert len({r["rollout_reward"] for r in steps}) == 1
     assert steps[0]["approx_kl"] == 0.0 and steps[-1]["approx_kl"] > 0.0  # the first step is on-policy
-    assert "reward" in s["eval_metrics_after"] and s["eval_metrics_after"]["kl"] != 0.0
+    assert "reward" in s["eval_metrics_after"] and s["eval_metrics_after"]["logratio"] != 0.0
     assert (run / "adapter" / "scalar_head.json").is_file()
 
 

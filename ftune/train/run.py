@@ -35,7 +35,7 @@ from ftune.train.trainer import FitState, LoopParts, evaluate_held_out, fit, sav
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 # Held-out metrics printed beside the loss (preference stages, reward models, PPO).
-SHOWN_METRICS = ("accuracy", "margin", "logp_accuracy", "reward", "kl", "response_length")
+SHOWN_METRICS = ("accuracy", "margin", "logp_accuracy", "reward", "kl", "logratio", "response_length")
 
 
 def seed_everything(seed: int) -> None:

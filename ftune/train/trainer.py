@@ -19,7 +19,7 @@ import torch
 from ftune.config.schema import TrainConfig
 from ftune.methods import StepHooks
 from ftune.train import checkpoint
-from ftune.train.heads import unwrap_head
+from ftune.train.heads import WithScalarHead, unwrap_head
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives import Objective
 
@@ -99,6 +99,18 @@ class DatasetSource:
                 for m in range(first, first + self.cfg.grad_accum)], {}
 
 
+def clip_groups(model: Any) -> dict[str, list]:
+    """Parameters clipped together, by metric name. A separate critic (PPO's value head on detached
+    features) is clipped on its own: its gradient is unrelated to the policy's, and in one global
+    norm its larger gradient would shrink every policy update."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(model, WithScalarHead) and not model.trunk_grad:
+        head = {id(p) for p in model.head.parameters()}
+        return {"grad_norm": [p for p in trainable if id(p) not in head],
+                "value_grad_norm": [p for p in trainable if id(p) in head]}
+    return {"grad_norm": trainable}
+
+
 def train_step(model: Any, objective: Objective, batches: list[dict], accelerator: Any, optimizer: Any,
                scheduler: Any, max_grad_norm: float, hooks: StepHooks | None = None, step: int = 0
                ) -> dict[str, float]:
@@ -123,14 +135,14 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
         loss_total += float(loss_sum.detach())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value
-    params = [p for p in model.parameters() if p.requires_grad]
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(params, clip)
+    norms = {name: float(accelerator.clip_grad_norm_(params, clip))
+             for name, params in clip_groups(accelerator.unwrap_model(model)).items()}
     optimizer.step()
     hooks.after_optimizer_step(inner, step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total / n_targets, "grad_norm": float(grad_norm),
+    return {"loss": loss_total / n_targets, **norms,
             "lr": scheduler.get_last_lr()[0], "tokens": int(sum(int(b["num_tokens"]) for b in batches)),
             "target_tokens": n_targets, **{key: value / n_targets for key, value in sums.items()}}
 

@@ -267,7 +267,8 @@ def make_ppo(stage: Any) -> Objective:
         return total, int(mask.sum()), metrics
 
     def evaluate(parts: Any, samples: list[dict]) -> tuple[float, dict[str, float]]:
-        """Greedy answers to the held-out prompts: mean score, KL to the reference, length.
+        """Greedy answers to the held-out prompts: mean score, summed log-ratio log pi - log pi_ref of
+        those answers (how far the policy's own choices moved from the reference), length.
         The 'loss' is minus the mean score, so lower is better as for every stage."""
         if not samples:
             return float("nan"), {}
@@ -286,7 +287,7 @@ def make_ppo(stage: Any) -> Objective:
             length += float(batch["response_mask"].sum())
         model.train(was_training)
         n = len(samples)
-        return -total / n, {"reward": total / n, "kl": kl / n, "response_length": length / n}
+        return -total / n, {"reward": total / n, "logratio": kl / n, "response_length": length / n}
 
     return Objective(loss=loss, count=lambda batch: int(batch["response_mask"].sum()), collate=lambda s, pad: {},
                      wrap_model=lambda model: WithScalarHead(model, trunk_grad=stage.value_shares_trunk),
