@@ -8,9 +8,14 @@ user would type it:
 
     ftune train recipe=smollm2-lora-sft train.run_name=sft
     ftune train recipe=smollm2-rm  model.path=outputs/sft train.run_name=rm
-    ftune train recipe=smollm2-ppo model.path=outputs/sft stage.reward_model=outputs/rm
+    ftune train recipe=smollm2-ppo stage.reward_model=outputs/rm
     ftune train recipe=smollm2-dpo model.path=outputs/sft
     ftune train recipe=smollm2-dpo model.path=outputs/sft dataset=smol-feedback stage.loss=kto
+
+PPO starts from the instruct model itself, not from the SFT run: the SFT run already learnt the
+shipped answers' style and facts, which is what this reward model rewards, so PPO from it has
+nothing left to gain on this data (measured: held-out greedy reward 1.52 -> 1.33 in 15 rollouts,
+noise). `--ppo-from-sft` runs that chain instead.
 
 About 15 minutes on 2 CPU cores.
 """
@@ -61,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "outputs" / "alignment"))
     parser.add_argument("--sft-steps", type=int, default=30)
+    parser.add_argument("--ppo-from-sft", action="store_true", help="start PPO from the SFT run")
     args = parser.parse_args()
     quiet_libraries()
     console = Console()
@@ -69,7 +75,8 @@ def main() -> None:
     sft = run(console, out, "sft", "recipe=smollm2-lora-sft", f"train.max_steps={args.sft_steps}")
     sft_dir = out / "sft"
     rm = run(console, out, "rm", "recipe=smollm2-rm", f"model.path={sft_dir}")
-    ppo = run(console, out, "ppo", "recipe=smollm2-ppo", f"model.path={sft_dir}", f"stage.reward_model={out / 'rm'}")
+    ppo_start = [f"model.path={sft_dir}"] if args.ppo_from_sft else []
+    ppo = run(console, out, "ppo", "recipe=smollm2-ppo", *ppo_start, f"stage.reward_model={out / 'rm'}")
     dpo = run(console, out, "dpo", "recipe=smollm2-dpo", f"model.path={sft_dir}")
     kto = run(console, out, "kto", "recipe=smollm2-dpo", f"model.path={sft_dir}", "dataset=smol-feedback",
               "stage.loss=kto")
@@ -86,7 +93,8 @@ def main() -> None:
         f"Made by `.venv/bin/python scripts/alignment_runs.py` on {time.strftime('%Y-%m-%d')}, "
         f"{platform.processor() or platform.machine()}, CPU only, {time.time() - start:.0f} s in all. "
         "SmolLM2-135M-Instruct (shipped GGUF), LoRA r=16; held-out rows are never trained on. "
-        f"Each stage starts from the SFT run (`model.path=<sft run dir>`).", "",
+        "RM, DPO and KTO start from the SFT run (`model.path=<sft run dir>`); PPO starts from "
+        + ("the SFT run" if args.ppo_from_sft else "the instruct model") + " and is scored by the RM run.", "",
         "| stage | command (plus run_name/output_dir) | held-out loss | held-out metrics before -> after | steps | tokens/s | wall s |",
         "|---|---|---|---|---:|---:|---:|",
         row("SFT", sft, []),

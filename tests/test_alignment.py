@@ -156,7 +156,7 @@ def test_ppo_with_a_rule_reward_trains_policy_and_value_head(tiny_overrides, tmp
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 4
     for key in ("rollout_reward", "rollout_kl", "entropy", "clip_fraction", "value_loss", "rollout_response_length",
-                "kl_coef", "policy_loss"):
+                "kl_coef", "policy_loss", "value_grad_norm"):
         assert all(math.isfinite(r[key]) for r in steps), key
     # One rollout (4 x 2 x 2 answers) serves ppo_epochs x mini_batches = 4 steps; the KL coefficient
     # adapts once per rollout.
