@@ -47,6 +47,8 @@ def test_every_group_choice_composes(group, choice):
         overrides.append("stage=pt")
     if group == "dataset" and choice == "smol-prefs" or group == "stage" and choice == "dpo":
         overrides += ["stage=dpo", "dataset=smol-prefs"]
+    if group == "dataset" and choice == "smol-feedback":
+        overrides += ["stage=dpo", "stage.loss=kto"]
     if group == "stage" and choice == "rm":
         overrides.append("dataset=smol-prefs")
     if group == "stage" and choice == "ppo":

@@ -30,8 +30,18 @@ def bot(c: str) -> dict:
 
 
 def test_formats_cover_every_converter():
-    assert set(formats.FORMATS) == {"text", "alpaca", "qa", "messages", "sharegpt", "preference"}
+    assert set(formats.FORMATS) == {"text", "alpaca", "qa", "messages", "sharegpt", "preference", "prompt", "feedback"}
     assert set(formats.CONVERTERS) == set(formats.FORMATS)
+
+
+# ----------------------------------------------------------------------------- prompt (PPO)
+def test_prompt_rows_as_text_or_messages_with_an_optional_reference():
+    assert one({"prompt": "2+2?", "reference": "4"}, "prompt") == {"messages": [{"role": "user", "content": "2+2?"}],
+                                                                  "reference": "4"}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert one({"prompt": msgs}, "prompt") == {"messages": msgs}
+    with pytest.raises(FtuneError, match="must end with a user message"):
+        one({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "prompt")
 
 
 # ----------------------------------------------------------------------------- text
