@@ -23,6 +23,7 @@ About 15 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -38,11 +39,18 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "alignment_results.md"
 
 
-def run(console: Console, out: Path, name: str, *overrides: str) -> dict:
-    args = [*overrides, f"train.output_dir={out}", f"train.run_name={name}", "train.tensorboard=false"]
-    console.rule(f"ftune train {' '.join(overrides)}")
-    summary = train(compose(args), console)
-    summary["command"] = "ftune train " + " ".join(overrides)
+BOOKKEEPING = ("train.output_dir=", "train.run_name=", "train.tensorboard=")
+
+
+def run_or_read(console: Console, out: Path, name: str, *overrides: str, report_only: bool = False) -> dict:
+    """Train (or, with report_only, read back the finished run) and return its summary."""
+    if not report_only:
+        args = [*overrides, f"train.output_dir={out}", f"train.run_name={name}", "train.tensorboard=false"]
+        console.rule(f"ftune train {' '.join(overrides)}")
+        train(compose(args), console)
+    summary = json.loads((out / name / "summary.json").read_text())
+    words = (out / name / "command.txt").read_text().split()[2:]
+    summary["command"] = " ".join(w for w in words if not w.startswith(BOOKKEEPING)).replace(f"{out}/", "outputs/")
     return summary
 
 
@@ -67,11 +75,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "alignment"))
     parser.add_argument("--sft-steps", type=int, default=30)
     parser.add_argument("--ppo-from-sft", action="store_true", help="start PPO from the SFT run")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from finished runs in --out")
     args = parser.parse_args()
     quiet_libraries()
     console = Console()
     out = Path(args.out)
     start = time.time()
+    run = functools.partial(run_or_read, report_only=args.report_only)
     sft = run(console, out, "sft", "recipe=smollm2-lora-sft", f"train.max_steps={args.sft_steps}")
     sft_dir = out / "sft"
     rm = run(console, out, "rm", "recipe=smollm2-rm", f"model.path={sft_dir}")
@@ -81,6 +91,7 @@ def main() -> None:
     kto = run(console, out, "kto", "recipe=smollm2-dpo", f"model.path={sft_dir}", "dataset=smol-feedback",
               "stage.loss=kto")
     first, last, kl_last, kl_max = rollout_trend(out / "ppo")
+    ppo_prompts = compose(["recipe=smollm2-ppo", f"stage.reward_model={out / 'rm'}"]).cfg.dataset.eval_max_rows
 
     def row(name: str, s: dict, keys: list[str]) -> str:
         b, a = s.get("eval_metrics_before", {}), s.get("eval_metrics_after", {})
@@ -91,7 +102,8 @@ def main() -> None:
     lines = [
         "# Alignment results (generated)", "",
         f"Made by `.venv/bin/python scripts/alignment_runs.py` on {time.strftime('%Y-%m-%d')}, "
-        f"{platform.processor() or platform.machine()}, CPU only, {time.time() - start:.0f} s in all. "
+        f"{platform.processor() or platform.machine()}, CPU only"
+        + ("" if args.report_only else f", {time.time() - start:.0f} s in all") + ". "
         "SmolLM2-135M-Instruct (shipped GGUF), LoRA r=16; held-out rows are never trained on. "
         "RM, DPO and KTO start from the SFT run (`model.path=<sft run dir>`); PPO starts from "
         + ("the SFT run" if args.ppo_from_sft else "the instruct model") + " and is scored by the RM run.", "",
@@ -101,12 +113,13 @@ def main() -> None:
         row("RM", rm, ["accuracy", "margin"]),
         row("PPO", ppo, ["reward", "logratio", "response_length"]),
         row("DPO", dpo, ["accuracy", "margin", "logp_accuracy"]),
-        row("KTO", kto, ["accuracy", "kl"]),
+        row("KTO", kto, ["accuracy", "rewards_desirable", "rewards_undesirable", "kl"]),
         "",
         f"PPO rollouts (sampled, temperature 1): mean reward of the first 5 rollouts {first:.3f}, of the last 5 "
         f"{last:.3f}; KL to the reference (nats per answer) over the last 5 rollouts {kl_last:.3f}, largest "
-        f"{kl_max:.3f}. The held-out PPO row uses greedy answers to 16 held-out prompts; its loss is minus the "
-        "mean reward.", "",
+        f"{kl_max:.3f}. The held-out PPO row uses greedy answers to {ppo_prompts} held-out prompts; its loss is "
+        "minus the mean reward, and logratio is log pi - log pi_ref summed over those answers. KTO's "
+        "rewards_desirable/undesirable are each class's summed implicit reward divided by all held-out answers.", "",
     ]
     if ppo.get("sample_answer"):
         lines += [f"PPO sample: Q: {ppo['sample_prompt']!r} A: {ppo['sample_answer']!r}", ""]
