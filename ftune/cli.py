@@ -33,6 +33,32 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 
 @app.command()
+def merge(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [out=<dir>] [dtype=bfloat16|float16|float32]"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty out folder.")) -> None:
+    """Fold a run's adapter into its base and save a standard Hugging Face model."""
+    from ftune.export.merge import merge_run
+
+    opts = key_values(args or [], ("run", "out", "dtype"))
+    if "run" not in opts:
+        raise FtuneError("ftune merge needs run=<run dir>", hint="e.g. ftune merge run=outputs/smollm2-lora-sft-… out=merged/")
+    with console.status("merging"):
+        target = merge_run(opts["run"], opts.get("out"), opts.get("dtype", "bfloat16"), overwrite)
+    console.print(f"merged model: {target}")
+
+
+def key_values(items: list[str], keys: tuple[str, ...]) -> dict[str, str]:
+    """key=value arguments of a command; unknown keys are refused with the valid ones."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in keys:
+            raise FtuneError(f"'{item}' is not one of this command's arguments",
+                             [f"valid: {', '.join(k + '=…' for k in keys)}"])
+        out[key] = value
+    return out
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes, one line each."""
     from ftune.config.compose import DEFAULT_RECIPE, recipe_description, recipe_names
