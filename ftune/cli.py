@@ -46,6 +46,26 @@ def merge(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [
     console.print(f"merged model: {target}")
 
 
+@app.command("export-gguf")
+def export_gguf(source: str = typer.Argument(..., help="A merged model folder (ftune merge) or a run directory."),
+                quant: str = typer.Option("q8_0", "--quant", help="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a k-quant "
+                                                                   "(q4_k_m, q5_k_m, q6_k, …) with llama-cpp-python."),
+                out: Optional[str] = typer.Option(None, "--out", help="The .gguf file (default gguf/<name>-<quant>.gguf)."),
+                check: bool = typer.Option(True, "--verify/--no-verify", help="Load the file again and compare logits."),
+                ollama: bool = typer.Option(False, "--modelfile", help="Also write an ollama Modelfile.")) -> None:
+    """Write a GGUF file for llama.cpp / ollama, then load it again and compare with the HF model."""
+    from ftune.export.gguf import export
+
+    with console.status(f"exporting {quant}"):
+        path, result = export(source, quant, out, check, ollama)
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if result is not None:
+        console.print(f"verified with {result.verifier}: top-1 agreement {result.top1_agreement:.3f}, "
+                      f"max logit difference {result.max_logit_diff:.3f}")
+        for prompt, answer in zip(("capital of France", "42 in words", "three colours"), result.answers):
+            console.print(f"  {prompt}: {answer!r}")
+
+
 def key_values(items: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     """key=value arguments of a command; unknown keys are refused with the valid ones."""
     out = {}
