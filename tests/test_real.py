@@ -94,3 +94,19 @@ def test_ppo_on_the_real_model_keeps_kl_bounded(tmp_path):
     assert 0 <= summary["eval_metrics_before"]["reward"] <= 1  # greedy answers that contain the reference
     answers = (tmp_path / "ppo" / "rollouts.jsonl").read_text().splitlines()
     assert len(answers) == 4 * 8  # 4 rollouts of 8 answers, each with its score
+
+
+def test_sft_merge_export_gguf_answers_in_llama_cpp(tmp_path):
+    """The whole path on the real model: SFT -> ftune merge -> export-gguf q8_0 and q4_0 -> load again
+    (llama.cpp when installed) -> the same predictions and a right answer."""
+    from ftune.export.gguf import export
+    from ftune.export.merge import merge_run
+
+    train(compose(["train.max_steps=8", "train.micro_batch_size=8", "dataset.eval_max_rows=8", "train.eval_every=0",
+                   "train.save_every=0", "train.sample_max_new_tokens=0", f"train.output_dir={tmp_path}",
+                   "train.run_name=sft"]))
+    merged = merge_run(tmp_path / "sft", tmp_path / "merged", dtype="bfloat16")
+    for quant, min_top1 in (("q8_0", 0.9), ("q4_0", 0.5)):  # q4_0 of a 135M model: ~0.56 measured
+        path, result = export(merged, quant, tmp_path / f"sft-{quant}.gguf")
+        assert result.top1_agreement >= min_top1, (quant, result)
+        assert "Paris" in result.answers[0], (quant, result.answers)
