@@ -46,6 +46,20 @@ def merge(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [
     console.print(f"merged model: {target}")
 
 
+@app.command("eval")
+def eval_run(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [n=16] [max_new_tokens=128]")) -> None:
+    """Held-out loss (trained vs base) and greedy answers with error analysis; writes <run>/eval/."""
+    from ftune.eval.report import evaluate_run, markdown
+
+    opts = key_values(args or [], ("run", "n", "max_new_tokens"))
+    if "run" not in opts:
+        raise FtuneError("ftune eval needs run=<run dir>")
+    with console.status("evaluating"):
+        report = evaluate_run(opts["run"], int(opts.get("n", 16)), int(opts.get("max_new_tokens", 128)))
+    console.print(markdown(report))
+    console.print(f"written: {opts['run']}/eval/report.md and report.json")
+
+
 @app.command("export-gguf")
 def export_gguf(source: str = typer.Argument(..., help="A merged model folder (ftune merge) or a run directory."),
                 quant: str = typer.Option("q8_0", "--quant", help="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a k-quant "
