@@ -60,6 +60,58 @@ def eval_run(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir
     console.print(f"written: {opts['run']}/eval/report.md and report.json")
 
 
+@app.command()
+def serve(runs: List[str] = typer.Argument(..., help="Run directories of LoRA-family adapters on one base."),
+          port: int = typer.Option(8000, "--port"), host: str = typer.Option("127.0.0.1", "--host"),
+          max_loaded: int = typer.Option(4, "--max-loaded", help="Adapters kept on the device at once (LRU)."),
+          window_ms: int = typer.Option(20, "--batch-window-ms", help="How long to gather requests into one batch.")
+          ) -> None:
+    """OpenAI-compatible server: the request's `model` picks the adapter (run directory name)."""
+    import time
+
+    from ftune.serve.engine import AdapterPool
+    from ftune.serve.server import serve as start
+
+    with console.status("loading"):
+        pool = AdapterPool(runs, max_loaded)
+    server = start(pool, host, port, window_ms)
+    console.print(f"serving {', '.join(pool.names)} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
+
+
+@app.command()
+def chat(run: str = typer.Argument(..., help="A run directory (LoRA-family adapter)."),
+         max_tokens: int = typer.Option(256, "--max-tokens")) -> None:
+    """Interactive chat with a trained run, streamed token by token (empty line or Ctrl-D ends)."""
+    from pathlib import Path
+
+    from ftune.serve.engine import AdapterPool, Request
+
+    with console.status("loading"):
+        pool = AdapterPool([run], max_loaded=1)
+    name, history = Path(run).name, []
+    console.print(f"chatting with {name} (template {pool.cfg.dataset.template}); empty line ends")
+    while True:
+        try:
+            text = console.input("[bold]you>[/] ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        history.append({"role": "user", "content": text})
+        console.print("[bold]model>[/] ", end="")
+        answer = ""
+        for piece in pool.stream(Request(name, history, max_tokens)):
+            answer += piece
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
 @app.command("export-gguf")
 def export_gguf(source: str = typer.Argument(..., help="A merged model folder (ftune merge) or a run directory."),
                 quant: str = typer.Option("q8_0", "--quant", help="f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1, or a k-quant "

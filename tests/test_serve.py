@@ -1,0 +1,106 @@
+"""`ftune serve` over real HTTP: two adapters in one batch answer exactly as each does alone;
+streaming; the model list; bad requests; LRU eviction keeps answers unchanged."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+import torch
+
+from ftune.config.compose import compose
+from ftune.serve.engine import AdapterPool, Request
+from ftune.serve.server import serve
+from ftune.train.run import train
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("serve-runs")
+    common = [f"model.path={tiny_model_dir}", "model.name=tiny", "hardware.precision=fp32", f"train.output_dir={out}",
+              "train.sample_max_new_tokens=0", "train.tensorboard=false", "dataset.max_rows=32", "train.max_steps=6",
+              "train.lr=3e-2", "dataset.max_seq_len=128"]
+    train(compose([*common, "train.run_name=alpha", "train.seed=1"]))
+    train(compose([*common, "train.run_name=beta", "train.seed=2", "method.r=4", "train.lr=2e-3"]))
+    return [out / "alpha", out / "beta"]
+
+
+def post(port: int, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+MSG = [{"role": "user", "content": "what is the capital of france"}]
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(two_runs):
+    pool = AdapterPool(two_runs, max_loaded=2)
+    names = ["alpha", "beta", "__base__"]
+    alone = {name: pool.generate([Request(name, MSG, 12)])[0]["ids"] for name in names}
+    assert alone["alpha"] != alone["__base__"]  # the adapter changes the answer (tiny models: greedy ties are common)
+    mixed = pool.generate([Request(n, MSG, 12) for n in names])
+    assert [m["ids"] for m in mixed] == [alone[n] for n in names]
+    # Logits, where every adapter differs: one mixed forward == each adapter's own forward.
+    ids = torch.tensor([pool.prompt_ids(MSG)] * 3)
+    with torch.no_grad():
+        together = pool.model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            own = pool.model(input_ids=ids[:1], adapter_names=[name]).logits[0]
+            assert torch.allclose(together[row], own, atol=1e-5), name
+    assert not torch.allclose(together[0], together[1]) and not torch.allclose(together[1], together[2])
+
+
+def test_lru_eviction_keeps_answers(two_runs):
+    pool = AdapterPool(two_runs, max_loaded=1)
+    first = pool.generate([Request("alpha", MSG, 8)])[0]["ids"]
+    pool.generate([Request("beta", MSG, 8)])  # evicts alpha from the model; its weights stay on the host
+    assert list(pool.loaded) == ["beta"]
+    assert pool.generate([Request("alpha", MSG, 8)])[0]["ids"] == first
+
+
+def test_http_server_batches_requests_for_different_adapters(two_runs):
+    pool = AdapterPool(two_runs, max_loaded=2)
+    expected = {n: pool.generate([Request(n, MSG, 10)])[0]["text"] for n in ("alpha", "beta")}
+    server = serve(pool, port=0, window_ms=300)
+    port = server.server_address[1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as resp:
+            assert {m["id"] for m in json.loads(resp.read())["data"]} == {"__base__", "alpha", "beta"}
+        results = {}
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(
+            n, post(port, {"model": n, "messages": MSG, "max_tokens": 10}))) for n in ("alpha", "beta")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n in ("alpha", "beta"):
+            assert results[n]["choices"][0]["message"]["content"] == expected[n]
+        assert 2 in server.batcher.batches  # both requests went through one forward batch
+        # Streaming: the pieces add up to the same answer.
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     data=json.dumps({"model": "alpha", "messages": MSG, "max_tokens": 10,
+                                                      "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert text.strip() == expected["alpha"]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            post(port, {"model": "gamma", "messages": MSG})
+        assert err.value.code == 400 and "served: __base__, alpha, beta" in err.value.read().decode()
+    finally:
+        server.shutdown()
+
+
+def test_cli_chat_streams_an_answer(two_runs):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ftune.cli", "chat", str(two_runs[0]), "--max-tokens", "6"],
+                            input="what is the capital of france\n\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "model>" in result.stdout and "Traceback" not in result.stderr
