@@ -137,3 +137,10 @@ def stop_text(template: Template | None, tokenizer: Any) -> str:
     if template is None:
         return tokenizer.eos_token or ""
     return _fill(template.stop, tokenizer)
+
+
+def stop_token_ids(tokenizer: Any, template_name: str | None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the template's end-of-turn token."""
+    text = stop_text(load_template(template_name), tokenizer)
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(text) if text else None}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)

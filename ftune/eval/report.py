@@ -54,10 +54,9 @@ def analyse(answer: str, raw: str, n_tokens: int, ended: bool, max_new: int, ref
 def generations(model: Any, tokenizer: Any, cfg: Any, prompts: list[tuple[list[dict], str | None]],
                 max_new: int, accelerator: Any) -> list[dict]:
     from ftune.data import templates
-    from ftune.train.objectives.ppo import stop_ids
 
     template = templates.load_template(cfg.dataset.template)
-    stops = stop_ids(tokenizer, cfg.dataset.template)
+    stops = templates.stop_token_ids(tokenizer, cfg.dataset.template)
     out = []
     model.eval()
     for messages, reference in prompts:

@@ -103,12 +103,6 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any]:
     return model.to(DTYPES[dtype]), tokenizer, saved
 
 
-def stop_token_ids(tokenizer: Any, template_name: str) -> list[int]:
-    from ftune.train.objectives.ppo import stop_ids
-
-    return stop_ids(tokenizer, template_name)
-
-
 def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bfloat16",
               overwrite: bool = False) -> Path:
     """Merge a finished run into a Hugging Face folder; returns the folder."""
@@ -121,6 +115,8 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise FtuneError(f"out: {target} exists and is not empty", hint="Pick another out=, or add --overwrite.")
     model.config.name_or_path = target.name
     gen = model.generation_config
+    from ftune.data.templates import stop_token_ids
+
     stops = stop_token_ids(tokenizer, saved.dataset.template)
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     gen.pad_token_id = tokenizer.pad_token_id

@@ -40,7 +40,6 @@ class AdapterPool:
         from ftune.data import templates
         from ftune.models.load import load
         from ftune.models.runs import run_config, trained_folder
-        from ftune.train.objectives.ppo import stop_ids
 
         if not runs:
             raise FtuneError("give at least one run=<run dir> to serve")
@@ -67,7 +66,7 @@ class AdapterPool:
         self.model = get_peft_model(base, config, adapter_name="__placeholder__")
         self.model.eval()
         self.template = templates.load_template(first.dataset.template)
-        self.stops = stop_ids(self.tokenizer, first.dataset.template)
+        self.stops = templates.stop_token_ids(self.tokenizer, first.dataset.template)
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self.max_loaded = max(1, max_loaded)
         self.lock = threading.Lock()

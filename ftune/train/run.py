@@ -94,11 +94,10 @@ def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[d
     template = templates.load_template(cfg.dataset.template)
     prompt = templates.render_prompt(messages, template, tokenizer)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(templates.stop_text(template, tokenizer))}
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         out = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
-                             eos_token_id=[i for i in stop_ids if isinstance(i, int)], pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=templates.stop_token_ids(tokenizer, cfg.dataset.template), pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

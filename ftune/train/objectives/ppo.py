@@ -85,19 +85,13 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def stop_ids(tokenizer: Any, template_name: str) -> list[int]:
-    template = templates.load_template(template_name)
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(templates.stop_text(template, tokenizer))}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
-
-
 class Rollouts:
     """Generates and scores answers; owns the reward function and the KL coefficient."""
 
     def __init__(self, parts: Any):
         self.parts, self.stage = parts, parts.cfg.stage
         self.tokenizer = parts.tokenizer
-        self.stops = stop_ids(self.tokenizer, parts.cfg.dataset.template)
+        self.stops = templates.stop_token_ids(self.tokenizer, parts.cfg.dataset.template)
         self.scores = rewards.build(self.stage, parts.accelerator.device, parts.cfg.hardware.precision)
 
     def generate(self, samples: list[dict], greedy: bool) -> dict[str, torch.Tensor]:
