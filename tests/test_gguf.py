@@ -82,3 +82,119 @@ def test_transformers_verifier_when_llama_cpp_is_missing(lora_run, tmp_path, mon
 def test_k_quant_through_llama_cpp(lora_run, tmp_path):
     path, result = export_mod.export(lora_run, "q6_k", tmp_path / "k.gguf")
     assert result.verifier == "llama.cpp" and path.stat().st_size > 0 and result.top1_agreement >= 0.5
+
+
+def _qalora_run(tiny_overrides, tmp_path, group_size):
+    name = f"qalora-g{group_size}"
+    train(compose([*tiny_overrides, "train.max_steps=3", "train.lr=1e-2", f"train.run_name={name}", "method=qalora",
+                   "method.r=4", f"method.group_size={group_size}"]))
+    return tmp_path / "outputs" / name
+
+
+# Groups of 32 are single q4_1 blocks that span their full code range, so re-quantising already
+# lands on the same grid (the direct path is then a guarantee, not a gain); from 64 on, a block
+# sees only part of its group's range and re-quantising re-fits a finer grid that misses the codes.
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_qalora_q4_1_is_written_from_the_codes(tiny_overrides, tmp_path, group_size):
+    import gguf
+    from safetensors.numpy import load_file
+
+    from ftune.export.gguf_writer import to_ggml_rows
+    from ftune.export.merge import QALORA_GROUPS, merge_run
+
+    folder = merge_run(_qalora_run(tiny_overrides, tmp_path, group_size), tmp_path / "merged", dtype="float32")
+    assert json.loads((folder / "ftune_merge.json").read_text())["qalora_group_size"] == group_size
+    notes = []
+    path, result = export_mod.export(folder, "q4_1", tmp_path / "q.gguf", notes=notes)
+    modules = 2 * 7  # 2 layers x q k v o gate up down
+    assert notes == [f"{modules} QA-LoRA layers written as q4_1 blocks without re-quantisation"]
+    assert result.verifier == "llama.cpp" or not export_mod.has_llama_cpp()
+    assert result.top1_agreement >= 0.9, result
+
+    groups, weights = load_file(folder / QALORA_GROUPS), load_file(folder / "model.safetensors")
+    # Training moved the zero-points off the integers: the case q4_0 cannot hold and q4_1 can.
+    assert max(np.abs(v - np.round(v)).max() for k, v in groups.items() if k.endswith(".zero")) > 0.05
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    direct_err, requant_err, checked = 0.0, 0.0, 0
+    for key in groups:
+        if not key.endswith(".codes"):
+            continue
+        module = key[:-len(".codes")]
+        name = gguf_name(f"{module}.weight")
+        tensor = tensors[name]
+        assert tensor.tensor_type == q4_1
+        merged = to_ggml_rows(weights[f"{module}.weight"], "llama", name, 4, 2)
+        got = gguf.quants.dequantize(tensor.data, q4_1).reshape(merged.shape)
+        # d = s and m = -s*z, each rounded to f16: the only difference from the merged weights.
+        scale = to_ggml_rows(groups[f"{module}.scale"], "llama", name, 4, 2)
+        zero = to_ggml_rows(groups[f"{module}.zero"], "llama", name, 4, 2)
+        d, m = scale.astype(np.float16).astype(np.float32), (-scale * zero).astype(np.float16).astype(np.float32)
+        bound = 15 * np.abs(d - scale) + np.abs(m + scale * zero) + 1e-6
+        assert np.all(np.abs(got - merged) <= np.repeat(bound, group_size, axis=1)), module
+        requant = gguf.quants.dequantize(gguf.quants.quantize(merged, q4_1), q4_1)
+        direct_err = max(direct_err, float(np.abs(got - merged).max()))
+        requant_err = max(requant_err, float(np.abs(requant - merged).max()))
+        checked += 1
+    assert checked == modules
+    print(f"group {group_size}: max |q4_1 - merged| direct {direct_err:.3g}, re-quantised {requant_err:.3g}")
+    if group_size == 32:
+        assert direct_err <= requant_err
+    else:
+        assert direct_err * 10 < requant_err
+
+
+def test_qalora_exports_that_cannot_keep_the_groups_say_why(tiny_overrides, tmp_path):
+    import gguf
+
+    from ftune.export.gguf_writer import Q4_0_NOTE, write_gguf
+    from ftune.export.merge import merge_run
+
+    run = _qalora_run(tiny_overrides, tmp_path, 16)
+    notes = []
+    path, result = export_mod.export(run, "q4_0", tmp_path / "q4_0.gguf", notes=notes)
+    assert notes == [Q4_0_NOTE] and result.top1_agreement >= 0.5
+    # Groups of 16 split q4_1's 32-weight blocks: re-quantised, with the reason.
+    written = write_gguf(merge_run(run, tmp_path / "merged", dtype="float32"), tmp_path / "q4_1.gguf", "q4_1")
+    assert written.direct_layers == 0
+    assert len(written.notes) == 1 and "group size 16 is not a multiple of q4_1's 32" in written.notes[0]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(written.path).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_1
+
+
+def test_unknown_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(FtuneError) as caught:
+        export_mod.export(tmp_path, "f16", tmp_path / "foo.gguf")
+    assert "FooForCausalLM cannot be exported" in caught.value.title
+    assert any("LlamaForCausalLM" in p and "Qwen2ForCausalLM" in p for p in caught.value.problems)
+    assert not (tmp_path / "foo.gguf").exists()
+
+
+def test_qwen2_export_loads_back_with_the_same_predictions(tmp_path):
+    import torch
+    from conftest import make_tiny_tokenizer
+    from safetensors.numpy import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path / "tiny-qwen2"
+    tokenizer = make_tiny_tokenizer(folder)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         # At the default 0.02 the attention is nearly uniform and a wrong q/k row order
+                         # still agrees on every token (measured); at 0.2 it drops to 20% agreement.
+                         initializer_range=0.2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random init leaves the q/k/v biases at zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # tied: llama.cpp reuses token_embd
+    path, result = export_mod.export(folder, "f16", tmp_path / "qwen2.gguf")
+    assert result.verifier == "llama.cpp" or not export_mod.has_llama_cpp()
+    # Logits span about +-5; f16 weights move them by 0.015 (measured).
+    assert result.top1_agreement == 1.0 and result.max_logit_diff < 0.1, result

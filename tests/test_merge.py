@@ -11,7 +11,7 @@ import torch
 
 from ftune.config.compose import compose
 from ftune.errors import FtuneError
-from ftune.export.merge import merge_run
+from ftune.export.merge import QALORA_GROUPS, merge_run
 from ftune.models.load import load
 from ftune.models.runs import load_run
 from ftune.train.run import train
@@ -46,6 +46,9 @@ def test_merged_model_equals_the_adapter_model(tiny_overrides, tmp_path, method)
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] is not None and (out / "tokenizer.json").is_file()
     assert any(p.suffix == ".safetensors" for p in out.iterdir()) and not any(p.suffix == ".bin" for p in out.iterdir())
+    # 4-bit QA-LoRA keeps its merged groups for an exact q4_1 export; the folder above still loads.
+    assert (out / QALORA_GROUPS).is_file() == (method == "qalora")
+    assert ("qalora_group_size" in meta) == (method == "qalora")
 
 
 def test_merge_refuses_what_cannot_merge_and_never_overwrites(tiny_overrides, tmp_path):

@@ -139,8 +139,11 @@ def modelfile(gguf_file: Path, folder: Path) -> Path:
 
 
 def export(source: str | Path, quant: str = "q8_0", out: str | Path | None = None, check: bool = True,
-           write_modelfile: bool = False) -> tuple[Path, Verification | None]:
-    """Export a merged folder or a run directory; returns (file, verification or None)."""
+           write_modelfile: bool = False, notes: list[str] | None = None) -> tuple[Path, Verification | None]:
+    """Export a merged folder or a run directory; returns (file, verification or None).
+
+    `notes`, when given, receives one line per thing the user should know about how the file was
+    written (QA-LoRA layers written exactly as q4_1 blocks, or why they were re-quantised)."""
     from ftune.models.runs import is_run_dir
 
     source = Path(source)
@@ -162,9 +165,11 @@ def export(source: str | Path, quant: str = "q8_0", out: str | Path | None = Non
         if quant in K_QUANTS:
             f16 = write_gguf(folder, Path(tmp) / "f16.gguf", "f16")
             target.parent.mkdir(parents=True, exist_ok=True)
-            k_quantize(f16, target, quant)
+            k_quantize(f16.path, target, quant)
         else:
-            write_gguf(folder, target, quant)
+            written = write_gguf(folder, target, quant)
+            if notes is not None:
+                notes.extend(written.notes)
         result = verify(folder, target) if check else None
         if write_modelfile:
             modelfile(target, folder)

@@ -4,14 +4,23 @@ chat template.
 
 Written natively with the `gguf` package: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1. Norms and
 other 1-D tensors stay f32 (as llama.cpp's own converter does). Llama's q/k projections are
-permuted from the Hugging Face rotary layout (halves) to GGML's (interleaved pairs).
+permuted from the Hugging Face rotary layout (halves) to GGML's (interleaved pairs); Qwen2's are
+not (llama.cpp runs qwen2 with the halves layout, NEOX rope).
 Supported: Llama-architecture models (Llama 2/3, Mistral, SmolLM) and Qwen2.
+
+A merged 4-bit QA-LoRA folder (ftune_qalora_groups.safetensors beside the weights) exported as
+q4_1 gets its quantised layers written from the INT codes, scales and zero-points themselves:
+a q4_1 block (value = d*q + m over 32 weights of a row) holds w = s*(q - z) exactly with d = s and
+m = -s*z whenever the group size is a multiple of 32, so only the f16 rounding of d and m is lost.
+Re-quantising the dequantised weights instead re-fits every block's min/max, which moves the codes
+as soon as a 32-block does not span its group's full code range (groups of 64 and more).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,20 @@ TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "o
        "lm_head.weight": "output.weight"}
 # Pre-tokenizer names llama.cpp knows, by model family (it picks the regex by this name).
 PRE = {"smollm": "smollm", "llama-3": "llama-bpe", "llama3": "llama-bpe", "qwen": "qwen2"}
+Q4_1_BLOCK = 32  # weights per q4_1 block, along a row
+# What a QA-LoRA folder exported as q4_0 tells the user (they asked for 4-bit and get a re-fit).
+Q4_0_NOTE = ("q4_0 stores no zero-point (value = d*(q-8)), so QA-LoRA's merged zero-points cannot be kept: "
+             "its layers were re-quantised from the merged weights; --quant q4_1 writes them exactly.")
+
+
+@dataclass
+class Written:
+    """What write_gguf wrote: the file, the QA-LoRA layers written as exact q4_1 blocks, and notes
+    for the user (what was written directly, or why a QA-LoRA run had to be re-quantised)."""
+
+    path: Path
+    direct_layers: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def gguf_name(hf_name: str) -> str | None:
@@ -49,6 +72,75 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotary layout (first half / second half of each head) -> GGML's interleaved pairs."""
     shape = w.shape
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def to_ggml_rows(array: np.ndarray, arch: str, name: str, n_head: int, n_kv: int) -> np.ndarray:
+    """Llama's q/k rows in GGML's rotary order; works on weights and on per-row codes/scales/zeros."""
+    if arch == "llama" and name.endswith("attn_q.weight"):
+        return permute_rotary(array, n_head)
+    if arch == "llama" and name.endswith("attn_k.weight"):
+        return permute_rotary(array, n_kv)
+    return array
+
+
+def q4_1_blocks(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """GGML q4_1 bytes (rows x blocks*20) of w = scale*(codes - zero), groups along each row.
+
+    Each block of 32 weights: d (f16), m (f16), then 16 bytes where byte j holds code j in its low
+    nibble and code j+16 in its high one; llama.cpp reads the weight as d*q + m.
+    """
+    rows, cols = codes.shape
+    if cols % Q4_1_BLOCK or (cols // scale.shape[1]) % Q4_1_BLOCK:
+        raise ValueError(f"{cols} columns in groups of {cols // scale.shape[1]} do not fill q4_1 blocks")
+    if codes.max(initial=0) > 15:
+        raise ValueError("q4_1 holds 4-bit codes (0..15)")
+    per_group = cols // scale.shape[1] // Q4_1_BLOCK
+    scale = scale.astype(np.float32)
+    d = np.repeat(scale, per_group, axis=1).astype("<f2")
+    m = np.repeat(-scale * zero.astype(np.float32), per_group, axis=1).astype("<f2")
+    q = codes.astype(np.uint8).reshape(rows, cols // Q4_1_BLOCK, Q4_1_BLOCK)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    blocks = np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), packed], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(rows, -1))
+
+
+def qalora_groups(folder: Path, quant: str, notes: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+    """HF weight name -> (codes, scale, zero) of the merged QA-LoRA layers to write as q4_1 blocks.
+
+    Empty when the folder has none, the type is not q4_1, or the groups do not fill q4_1 blocks; the
+    last two add a note, since the user asked for a 4-bit type and gets a re-quantised one.
+    """
+    from safetensors.numpy import load_file
+
+    from ftune.export.merge import QALORA_GROUPS
+
+    path = folder / QALORA_GROUPS
+    if not path.is_file() or quant not in ("q4_0", "q4_1"):
+        return {}
+    if quant == "q4_0":
+        notes.append(Q4_0_NOTE)
+        return {}
+    tensors = load_file(str(path))
+    modules = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    if not modules:
+        return {}
+    meta_file = folder / "ftune_merge.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    # ftune merge records it; the shapes give it too (columns per scale) for a hand-made folder.
+    group = meta.get("qalora_group_size") or \
+        tensors[f"{modules[0]}.codes"].shape[1] // tensors[f"{modules[0]}.scale"].shape[1]
+    if group % Q4_1_BLOCK:
+        notes.append(f"QA-LoRA group size {group} is not a multiple of q4_1's {Q4_1_BLOCK}-weight blocks, so its "
+                     "layers were re-quantised from the merged weights (method.group_size=32/64/128 exports exactly).")
+        return {}
+    return {f"{m}.weight": (tensors[f"{m}.codes"], tensors[f"{m}.scale"], tensors[f"{m}.zero"]) for m in modules}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The model's safetensors files (not ftune's QA-LoRA groups file beside them)."""
+    from ftune.export.merge import QALORA_GROUPS
+
+    return sorted(p for p in folder.glob("*.safetensors") if p.name != QALORA_GROUPS)
 
 
 def tensor_type(name: str, array: np.ndarray, quant: str) -> Any:
@@ -105,7 +197,7 @@ def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, config: dict) -> 
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Path:
+def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Written:
     """Write `folder` (a Hugging Face model folder) as a GGUF file at `out`."""
     import gguf
     from safetensors import safe_open
@@ -120,6 +212,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Path
                          [f"supported: {', '.join(sorted(ARCHES))}"], "Export a Llama/Mistral/SmolLM or Qwen2 model.")
     if quant not in NATIVE:
         raise FtuneError(f"--quant {quant} is not written natively", [f"native: {', '.join(NATIVE)}"])
+    files = weight_files(folder)
+    if not files:
+        raise FtuneError(f"{folder}: no .safetensors weights", hint="Merge the run first: ftune merge run=…")
+    written = Written(out)
+    groups = qalora_groups(folder, quant, written.notes)
+    check_groups(files, groups)
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -137,9 +235,6 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Path
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}[quant])
     write_tokenizer(writer, folder, AutoTokenizer.from_pretrained(folder), config)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FtuneError(f"{folder}: no .safetensors weights", hint="Merge the run first: ftune merge run=…")
     for file in files:
         with safe_open(str(file), "pt") as f:
             for hf_name in f.keys():
@@ -148,11 +243,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Path
                     if "rotary_emb" in hf_name:
                         continue
                     raise FtuneError(f"{file.name}: tensor {hf_name} has no llama.cpp name")
-                array = f.get_tensor(hf_name).float().numpy()
-                if arch == "llama" and name.endswith("attn_q.weight"):
-                    array = permute_rotary(array, n_head)
-                elif arch == "llama" and name.endswith("attn_k.weight"):
-                    array = permute_rotary(array, n_kv)
+                if hf_name in groups:
+                    codes, scale, zero = (to_ggml_rows(a, arch, name, n_head, n_kv) for a in groups[hf_name])
+                    writer.add_tensor(name, q4_1_blocks(codes, scale, zero), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+                    written.direct_layers += 1
+                    continue
+                array = to_ggml_rows(f.get_tensor(hf_name).float().numpy(), arch, name, n_head, n_kv)
                 kind = tensor_type(name, array, quant)
                 writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kind),
                                   raw_dtype=kind)
@@ -162,4 +258,25 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Path
     writer.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    return out
+    if written.direct_layers:
+        written.notes.append(f"{written.direct_layers} QA-LoRA layers written as q4_1 blocks without re-quantisation")
+    return written
+
+
+def check_groups(files: list[Path], groups: dict[str, tuple[np.ndarray, ...]]) -> None:
+    """Every QA-LoRA layer must be a weight of the same shape in the folder: a groups file left from
+    another merge (or a model edited after merging) would otherwise put the wrong weights in the GGUF."""
+    from safetensors import safe_open
+
+    if not groups:
+        return
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    problems = [f"{name}: {'missing' if name not in shapes else f'shape {shapes[name]}'} vs codes {codes.shape}"
+                for name, (codes, _, _) in groups.items() if shapes.get(name) != codes.shape]
+    if problems:
+        raise FtuneError("the QA-LoRA groups beside the weights do not match them", problems,
+                         "Merge the run again (ftune merge), or delete ftune_qalora_groups.safetensors "
+                         "to export the weights as they are.")

@@ -6,7 +6,9 @@ turned back into plain linear layers (QLoRA's 4-bit base is dequantised before t
 folded in; QA-LoRA's merged INT4 groups are dequantised), and the result is cast to the chosen
 dtype and saved with safetensors, the tokenizer and its chat template, and a generation config
 whose EOS includes the template's end-of-turn token. The folder is written under a temporary name
-and renamed, so an interrupted merge never leaves a half-written model behind.
+and renamed, so an interrupted merge never leaves a half-written model behind. A 4-bit QA-LoRA run
+also keeps its merged groups (codes, scales, zero-points) in `ftune_qalora_groups.safetensors`, so
+export-gguf can write them as q4_1 blocks exactly instead of re-quantising the dequantised weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from ftune.errors import FtuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# Not model weights: transformers loads only model.safetensors (or the files its index names) and
+# our GGUF writer skips this file by name. Tools that load every *.safetensors in a folder would not.
+QALORA_GROUPS = "ftune_qalora_groups.safetensors"
 
 
 def default_name(cfg: Any, dtype: str) -> str:
@@ -69,8 +74,27 @@ def _dense_weight(module: Any) -> torch.Tensor | None:
     return None
 
 
-def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any]:
-    """(plain transformers model in `dtype`, tokenizer, the run's config)."""
+def qalora_groups(model: Any) -> tuple[dict[str, torch.Tensor], int]:
+    """Every merged GroupQuantLinear as `<module>.codes|scale|zero` tensors, and the group size."""
+    from ftune.methods.qalora import GroupQuantLinear
+
+    tensors: dict[str, torch.Tensor] = {}
+    sizes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, GroupQuantLinear):
+            tensors[f"{name}.codes"] = module.codes.detach().to(torch.uint8).contiguous()
+            tensors[f"{name}.scale"] = module.scale.detach().float().contiguous()
+            tensors[f"{name}.zero"] = module.zero.detach().float().contiguous()
+            sizes.add(module.group_size)
+    if len(sizes) > 1:  # one method.group_size per run, so this would be a bug, not a user error
+        raise FtuneError(f"QA-LoRA layers have different group sizes: {sorted(sizes)}")
+    return tensors, sizes.pop() if sizes else 0
+
+
+def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[str, torch.Tensor], int]]:
+    """(plain transformers model in `dtype`, tokenizer, the run's config, (QA-LoRA groups, group size)).
+
+    The groups are only kept for 4-bit QA-LoRA, the one case a GGUF type (q4_1) holds them exactly."""
     from ftune.methods.merge import merge
     from ftune.methods.saving import FULL_MODEL_METHODS, load_trained
     from ftune.models.load import load
@@ -92,6 +116,9 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any]:
 
             model = PeftModel.from_pretrained(model, folder)
         model = merge(model, saved.method.name)
+    groups: tuple[dict[str, torch.Tensor], int] = ({}, 0)
+    if saved.method.name == "qalora" and saved.method.bits == 4:
+        groups = qalora_groups(model)
     dequantize_linears(model, torch.float32)  # QA-LoRA merges into its INT4 groups
     for attr in ("quantization_config",):
         if hasattr(model.config, attr):
@@ -100,7 +127,7 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any]:
     for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if attr in vars(model):
             delattr(model, attr)
-    return model.to(DTYPES[dtype]), tokenizer, saved
+    return model.to(DTYPES[dtype]), tokenizer, saved, groups
 
 
 def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "bfloat16",
@@ -109,7 +136,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
         raise FtuneError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    model, tokenizer, saved = merged_model(run_dir, dtype)
+    model, tokenizer, saved, (groups, group_size) = merged_model(run_dir, dtype)
     target = Path(out) if out else Path("merged") / default_name(saved, dtype)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FtuneError(f"out: {target} exists and is not empty", hint="Pick another out=, or add --overwrite.")
@@ -124,9 +151,14 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "ftune_merge.json").write_text(json.dumps(
-        {"run": str(run_dir), "base_model": saved.model.path, "method": saved.method.name, "stage": saved.stage.name,
-         "dtype": dtype, "template": saved.dataset.template}, indent=2))
+    meta = {"run": str(run_dir), "base_model": saved.model.path, "method": saved.method.name,
+            "stage": saved.stage.name, "dtype": dtype, "template": saved.dataset.template}
+    if groups:
+        from safetensors.torch import save_file
+
+        save_file(groups, str(tmp / QALORA_GROUPS))
+        meta["qalora_group_size"] = group_size
+    (tmp / "ftune_merge.json").write_text(json.dumps(meta, indent=2))
     if target.exists():
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
