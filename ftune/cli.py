@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -46,28 +47,90 @@ def merge(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [
     console.print(f"merged model: {target}")
 
 
-@app.command("eval")
-def eval_run(args: Optional[List[str]] = typer.Argument(None, help="run=<run dir> [n=16] [max_new_tokens=128]")) -> None:
-    """Held-out loss (trained vs base) and greedy answers with error analysis; writes <run>/eval/."""
-    from ftune.eval.report import evaluate_run, markdown
+EVAL_KEYS = ("run", "model", "n", "max_new_tokens", "benchmarks", "tasks", "limit", "chat", "base", "out", "judge", "tie")
 
-    opts = key_values(args or [], ("run", "n", "max_new_tokens"))
-    if "run" not in opts:
-        raise FtuneError("ftune eval needs run=<run dir>")
+
+@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_run(args: Optional[List[str]] = typer.Argument(
+        None, help="run=<run dir> or model=<path>, then optionally n=16 max_new_tokens=128 "
+                   "benchmarks=arc,hellaswag,mmlu,truthfulqa tasks=smol-mc,my-task.yaml limit=N chat=true base=false "
+                   "out=DIR; with model= also config overrides (dataset=…). With --compare: runs or models, "
+                   "judge=<rm run>, optionally n=32 tie=0 out=DIR."),
+             compare: bool = typer.Option(False, "--compare", help="Compare runs/models judged by a reward model run.")
+             ) -> None:
+    """Report: held-out loss vs base, answers with error analysis, benchmarks; or --compare runs by a reward model."""
+    items = args or []
+    if compare:
+        from ftune.eval.compare import compare as run_compare
+        from ftune.eval.compare import markdown as compare_markdown
+
+        entries = [a for a in items if "=" not in a]
+        opts = key_values([a for a in items if "=" in a], ("judge", "n", "max_new_tokens", "tie", "out"))
+        with console.status("answering and judging"):
+            report = run_compare(entries, opts.get("judge", ""), _int(opts, "n", 32), _int(opts, "max_new_tokens", 128),
+                                 float(opts.get("tie", 0.0)), opts.get("out"))
+        console.print(compare_markdown(report))
+        console.print(f"written: {report['out']}/compare.md and compare.json")
+        return
+    from ftune.eval.report import EvalOptions, evaluate, markdown
+
+    mine = [a for a in items if a.partition("=")[0] in EVAL_KEYS]
+    overrides = [a for a in items if a.partition("=")[0] not in EVAL_KEYS]
+    opts = key_values(mine, EVAL_KEYS)
+    if "model" not in opts and overrides:  # a typo of one of eval's own keys, or overrides given to a run
+        key_values(overrides, EVAL_KEYS)
+    listed = lambda key: tuple(x for x in opts.get(key, "").split(",") if x)  # noqa: E731
+    options = EvalOptions(n_prompts=_int(opts, "n", 16), max_new=_int(opts, "max_new_tokens", 128),
+                          benchmarks=listed("benchmarks"), tasks=listed("tasks"),
+                          limit=_int(opts, "limit", 0) or None, chat=_flag(opts, "chat", False),
+                          base=_flag(opts, "base", True), out=opts.get("out"))
     with console.status("evaluating"):
-        report = evaluate_run(opts["run"], int(opts.get("n", 16)), int(opts.get("max_new_tokens", 128)))
+        report = evaluate(opts.get("run"), opts.get("model"), overrides, options)
     console.print(markdown(report))
-    console.print(f"written: {opts['run']}/eval/report.md and report.json")
+    console.print(f"written: {report['out']}/report.md, report.json" + (", summary.png" if report.get("plot") else ""))
+
+
+def _int(opts: dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(opts.get(key, default))
+    except ValueError:
+        raise FtuneError(f"{key}={opts[key]!r} is not a whole number") from None
+
+
+def _flag(opts: dict[str, str], key: str, default: bool) -> bool:
+    value = opts.get(key)
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise FtuneError(f"{key}={value!r} must be true or false")
+    return value.lower() in ("true", "1", "yes")
 
 
 @app.command()
 def serve(runs: List[str] = typer.Argument(..., help="Run directories of LoRA-family adapters on one base."),
           port: int = typer.Option(8000, "--port"), host: str = typer.Option("127.0.0.1", "--host"),
           max_loaded: int = typer.Option(4, "--max-loaded", help="Adapters kept on the device at once (LRU)."),
-          window_ms: int = typer.Option(20, "--batch-window-ms", help="How long to gather requests into one batch.")
+          window_ms: int = typer.Option(20, "--batch-window-ms", help="How long to gather requests into one batch."),
+          engine: str = typer.Option("ftune", "--engine", help="ftune (CPU or GPU) or vllm (CUDA, vllm installed)."),
+          print_command: bool = typer.Option(False, "--print-command", help="vllm: print the command, do not start it.")
           ) -> None:
     """OpenAI-compatible server: the request's `model` picks the adapter (run directory name)."""
     import time
+
+    if engine not in ("ftune", "vllm"):
+        raise FtuneError(f"--engine {engine} is unknown", ["engines: ftune, vllm"])
+    if engine == "vllm":
+        import os
+
+        from ftune.serve import vllm
+
+        cmd = vllm.command(runs, host, port, max_loaded, Path("outputs") / "serve")
+        if print_command:
+            print(vllm.shell(cmd))
+            return
+        vllm.check_available()
+        console.print(f"starting vLLM: {vllm.shell(cmd)}")
+        os.execv(cmd[0], cmd) if Path(cmd[0]).is_file() else os.execvp(cmd[0], cmd)
 
     from ftune.serve.engine import AdapterPool
     from ftune.serve.server import serve as start
@@ -87,7 +150,6 @@ def serve(runs: List[str] = typer.Argument(..., help="Run directories of LoRA-fa
 def chat(run: str = typer.Argument(..., help="A run directory (LoRA-family adapter)."),
          max_tokens: int = typer.Option(256, "--max-tokens")) -> None:
     """Interactive chat with a trained run, streamed token by token (empty line or Ctrl-D ends)."""
-    from pathlib import Path
 
     from ftune.serve.engine import AdapterPool, Request
 
@@ -122,8 +184,11 @@ def export_gguf(source: str = typer.Argument(..., help="A merged model folder (f
     """Write a GGUF file for llama.cpp / ollama, then load it again and compare with the HF model."""
     from ftune.export.gguf import export
 
+    notes: list[str] = []
     with console.status(f"exporting {quant}"):
-        path, result = export(source, quant, out, check, ollama)
+        path, result = export(source, quant, out, check, ollama, notes=notes)
+    for note in notes:
+        console.print(note)
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if result is not None:
         console.print(f"verified with {result.verifier}: top-1 agreement {result.top1_agreement:.3f}, "

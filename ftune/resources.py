@@ -34,6 +34,11 @@ def recipes_dir() -> Path:
     return data_root() / "recipes"
 
 
+def eval_tasks_dir() -> Path:
+    """Shipped task configs for `ftune eval tasks=<name>`."""
+    return data_root() / "eval_tasks"
+
+
 def templates_dir() -> Path:
     return data_root() / "data_templates"
 

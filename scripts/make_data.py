@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data"
 INSTRUCT_PATH = DATA_DIR / "smol-instruct.jsonl"
 CORPUS_PATH = DATA_DIR / "smol-corpus.jsonl"
+MC_PATH = DATA_DIR / "smol-mc.jsonl"
+QA_PATH = DATA_DIR / "smol-qa.jsonl"
 SEED = "ftune-smol-v1"
 MAX_WORDS = 60
 
@@ -508,6 +510,42 @@ def build_corpus() -> tuple[list[dict], dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Benchmarks for `ftune eval tasks=…`: the same facts as questions with one right choice among
+# four (smol-mc) or one short answer (smol-qa). Distractors are other true facts' answers, so every
+# wrong choice is a real word of the same kind.
+# ---------------------------------------------------------------------------------------------
+
+def mc_row(question: str, right: str, pool: list[str], r: random.Random) -> dict:
+    wrong = r.sample(sorted({p for p in pool if p != right}), 3)
+    choices = wrong + [right]
+    r.shuffle(choices)
+    return {"question": question, "choices": choices, "answer": choices.index(right)}
+
+
+def build_mc() -> list[dict]:
+    r = rng_for("benchmark-mc")
+    rows = [mc_row(f"What is the capital of {country}?", capital, [c for _, c, _ in CAPITALS], r)
+            for country, capital, _ in CAPITALS]
+    rows += [mc_row(f'What is the opposite of "{a}"?', b, [y for _, y in ANTONYMS], r) for a, b in ANTONYMS]
+    rows += [mc_row(f'What is the plural of "{s}"?', p, [y for _, y in PLURALS], r) for s, p in PLURALS]
+    for _ in range(30):
+        a, b = r.randint(2, 12), r.randint(2, 12)
+        near = [str(a * b + d) for d in (-2, -1, 1, 2, a, -a) if a * b + d > 0]
+        rows.append(mc_row(f"What is {a} times {b}?", str(a * b), near, r))
+    r.shuffle(rows)
+    return rows
+
+
+def build_qa() -> list[dict]:
+    r = rng_for("benchmark-qa")
+    rows = [{"question": f"What is the capital of {country}?", "answer": capital} for country, capital, _ in CAPITALS]
+    rows += [{"question": f"What is {a} plus {b}?", "answer": str(a + b)}
+             for a, b in ((r.randint(1, 50), r.randint(1, 50)) for _ in range(30))]
+    r.shuffle(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -528,6 +566,9 @@ def main() -> None:
     corpus, corpus_counts = build_corpus()
     write_jsonl(CORPUS_PATH, corpus)
     report(CORPUS_PATH, corpus, corpus_counts)
+    for path, rows in ((MC_PATH, build_mc()), (QA_PATH, build_qa())):
+        write_jsonl(path, rows)
+        report(path, rows, {"questions": len(rows)})
 
 
 if __name__ == "__main__":

@@ -76,3 +76,17 @@ def test_cli_merge(tiny_overrides, tmp_path):
     assert (tmp_path / "cli-merged" / "config.json").is_file()
     bad = subprocess.run([sys.executable, "-m", "ftune.cli", "merge", "runn=x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "valid: run=" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_merged_model_carries_the_training_format_as_its_chat_template(tiny_overrides, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftune.data import templates
+
+    _run(tiny_overrides, "alp", "dataset.template=alpaca")
+    out = merge_run(tmp_path / "outputs" / "alp", tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = templates.render_prompt(messages, templates.load_template("alpaca"), tok)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+    assert "### Response" in want

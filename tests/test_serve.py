@@ -4,13 +4,18 @@ streaming; the model list; bad requests; LRU eviction keeps answers unchanged.""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 
 from ftune.config.compose import compose
+from ftune.errors import FtuneError
 from ftune.serve.engine import AdapterPool, Request
 from ftune.serve.server import serve
 from ftune.train.run import train
@@ -104,3 +109,32 @@ def test_cli_chat_streams_an_answer(two_runs):
                             input="what is the capital of france\n\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "model>" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_vllm_engine_command_and_refusals(tiny_overrides, tmp_path):
+    """--engine vllm hands the same adapters to vLLM: one --lora-modules entry per run, the base as a
+    folder, rank rounded up to one vLLM accepts, the training format as a chat template file."""
+    from ftune.serve import vllm
+
+    for name, r in (("one", 4), ("two", 12)):
+        train(compose([*tiny_overrides, "train.max_steps=1", f"train.run_name={name}", f"method.r={r}",
+                       "dataset.template=chatml"]))
+    runs = [str(tmp_path / "outputs" / n) for n in ("one", "two")]
+    result = subprocess.run([sys.executable, "-m", "ftune.cli", "serve", *runs, "--engine", "vllm", "--print-command",
+                             "--port", "8123", "--max-loaded", "8"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cmd = shlex.split(result.stdout.strip())
+    assert cmd[1] == "serve" and cmd[cmd.index("--port") + 1] == "8123"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and cmd[cmd.index("--max-loras") + 1] == "2"
+    lora = cmd[cmd.index("--lora-modules") + 1: cmd.index("--lora-modules") + 3]
+    assert [entry.split("=")[0] for entry in lora] == ["one", "two"]
+    assert all(Path(entry.split("=", 1)[1], "adapter_config.json").is_file() for entry in lora)
+    assert Path(cmd[2], "config.json").is_file()  # the base as a Hugging Face folder
+    assert "<|im_start|>" in Path(cmd[cmd.index("--chat-template") + 1]).read_text()
+    # Not a plain LoRA adapter: refused with the reason; no CUDA here: refused with what to do.
+    train(compose([*tiny_overrides, "train.max_steps=1", "train.run_name=ia3", "method=ia3"]))
+    with pytest.raises(FtuneError, match="not a plain LoRA adapter"):
+        vllm.adapters([str(tmp_path / "outputs" / "ia3")])
+    if not torch.cuda.is_available():
+        with pytest.raises(FtuneError, match="cannot start here"):
+            vllm.check_available()

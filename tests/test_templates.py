@@ -366,3 +366,20 @@ def test_only_first_token_trained_is_dropped(tiny_tokenizer):
 def test_tokenize_all_empty(tiny_tokenizer):
     out, stats = tokenize_all([], tiny_tokenizer, max_len=16, train_on="assistant")
     assert out == [] and stats.samples == 0 and stats.tokens == 0
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "llama2", "llama3", "mistral", "qwen", "vicuna"])
+def test_jinja_export_renders_exactly_like_the_template(name, tiny_tokenizer):
+    """Merged models and vLLM get the training format as a Jinja chat template: same text, always."""
+    template = templates.load_template(name)
+    jinja = templates.to_jinja(template, tiny_tokenizer)
+    conversations = [
+        [{"role": "user", "content": "hi {system} there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+         {"role": "user", "content": "c"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": 'b "q" é\n'},
+         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]]
+    for messages in conversations:
+        want = "".join(s.text for s in templates.render_named(template, messages, tiny_tokenizer))
+        assert tiny_tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False) == want

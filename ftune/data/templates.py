@@ -144,3 +144,39 @@ def stop_token_ids(tokenizer: Any, template_name: str | None) -> list[int]:
     text = stop_text(load_template(template_name), tokenizer)
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(text) if text else None}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def to_jinja(template: Template, tokenizer: Any) -> str:
+    """A Jinja chat template that renders conversations exactly as `render_named` does, for tools
+    that read the tokenizer's chat template (a merged model, GGUF files, vLLM, ollama). Literal
+    text is emitted as quoted strings, so no whitespace control can change it; the tokenizer's
+    BOS/EOS are filled in now."""
+    import json
+
+    def expr(fmt: str) -> str:
+        values = {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
+        parts, pos = [], 0
+        for m in PLACEHOLDER.finditer(fmt):
+            parts.append(json.dumps(fmt[pos:m.start()]))
+            key = m.group(1)
+            parts.append(json.dumps(values[key]) if key in values else
+                         "m['content']" if key == "content" else "(ns.system or '')")
+            pos = m.end()
+        parts.append(json.dumps(fmt[pos:]))
+        return "{{ " + " ~ ".join(p for p in parts if p != '""') + " }}" if any(p != '""' for p in parts) else ""
+
+    inline = bool(template.user_with_system)
+    return "".join([
+        "{%- set ns = namespace(system=" + json.dumps(template.default_system) .replace("null", "none") + ") -%}",
+        "{%- set msgs = messages -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}"
+        "{%- set msgs = messages[1:] -%}{%- endif -%}",
+        expr(template.prefix),
+        "{%- if ns.system -%}" + ("" if inline else expr(template.system).replace("m['content']", "ns.system")) + "{%- endif -%}",
+        "{%- for m in msgs -%}",
+        "{%- if m['role'] == 'user' -%}",
+        ("{%- if ns.system and loop.first -%}" + expr(template.user_with_system) + "{%- else -%}" + expr(template.user)
+         + "{%- endif -%}") if inline else expr(template.user),
+        "{%- elif m['role'] == 'assistant' -%}", expr(template.assistant), expr(template.separator),
+        "{%- endif -%}{%- endfor -%}",
+    ])

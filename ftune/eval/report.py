@@ -1,19 +1,27 @@
-"""`ftune eval run=<run dir>`: did the model get better? One report (Markdown + JSON) with
+"""`ftune eval run=<run dir> | model=<path>`: did the model get better? One report (Markdown + JSON,
+plots as PNG) with
 
 - the stage's held-out loss (and perplexity for pt/sft, accuracy/margins for rm and dpo) of the
   trained model and of its base on the same held-out rows;
 - greedy answers to held-out prompts with automatic error analysis: empty answers, answers that
   never end (no end-of-turn token), over-long answers, repetition loops, template text leaking
-  into the answer — counts and examples.
+  into the answer — counts and examples, for the trained model and its base;
+- PPO runs: the run's own reward of those greedy answers (trained vs base);
+- benchmarks through lm-eval-harness (ftune/eval/benchmarks.py), trained vs base.
 
 The held-out rows are the run's own split (same dataset config and seed), so nothing the run
-trained on is evaluated.
+trained on is evaluated. The base is the adapter switched off (peft methods) or the run's starting
+model loaded on its own after the trained one is freed (full, freeze, bitfit, ftune's own adapters).
+`model=<path>` evaluates any model folder, GGUF file or run directory on a composed dataset
+(the recipe's, or dataset=…), with no base.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,20 @@ from ftune.errors import FtuneError
 
 LEAKS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "### Instruction",
          "### Response", "<|endoftext|>", "<s>", "</s>", "<|user|>", "<|assistant|>")
+
+
+@dataclass
+class EvalOptions:
+    """What `ftune eval` measures besides held-out loss."""
+
+    n_prompts: int = 16  # held-out prompts answered greedily
+    max_new: int = 128  # answer length limit
+    benchmarks: tuple[str, ...] = ()  # lm-eval task names (arc, hellaswag, mmlu, truthfulqa, …)
+    tasks: tuple[str, ...] = ()  # local task configs (eval_tasks/<name> or a YAML path)
+    limit: int | None = None  # rows per benchmark (None: all)
+    chat: bool = False  # render benchmark prompts with the chat template
+    base: bool = True  # also evaluate the base model
+    out: str | None = None  # report folder (default <run>/eval, or eval/<model name>)
 
 
 def repetition_rate(tokens: list[int], n: int = 4) -> float:
@@ -70,91 +92,210 @@ def generations(model: Any, tokenizer: Any, cfg: Any, prompts: list[tuple[list[d
         body = new[:-1] if ended else new
         answer = tokenizer.decode(body, skip_special_tokens=True).strip()
         raw = tokenizer.decode(body, skip_special_tokens=False)
-        out.append({"prompt": messages[-1]["content"], "answer": answer, "reference": reference,
+        out.append({"prompt": messages[-1]["content"], "messages": messages, "answer": answer, "reference": reference,
                     "tokens": len(new), "problems": analyse(answer, raw, len(new), ended, max_new, reference,
                                                             tokenizer, body)})
     return out
 
 
-def held_out(run_dir: Path, n_prompts: int) -> tuple[Any, list[dict], list[tuple[list[dict], str | None]]]:
-    """(the run's config, held-out samples, held-out prompts with their reference answers)."""
+def held_out(cfg: Any, n_prompts: int) -> tuple[list[dict], list[tuple[list[dict], str | None]]]:
+    """(held-out records, held-out prompts with their reference answers) of a config's own split."""
     from ftune.data.build import prompt_of, split_records
-    from ftune.models.runs import run_config
 
-    cfg = run_config(run_dir)
     _, records = split_records(cfg.dataset, cfg.train.seed)
     prompts = [prompt_of(r) for r in records if "messages" in r][:n_prompts]
-    return cfg, records, prompts
+    return records, prompts
 
 
-def evaluate_run(run_dir: str | Path, n_prompts: int = 16, max_new: int = 128) -> dict:
-    """Write <run>/eval/report.md and report.json; returns the report."""
-    from ftune.data.build import build as build_data
+@dataclass
+class Subject:
+    """What is evaluated: a run (with its base) or a plain model path on a composed config."""
+
+    label: str
+    cfg: Any
+    run_dir: Path | None
+    out: Path
+
+
+def subject(run: str | None, model: str | None, overrides: list[str], out: str | None) -> Subject:
+    from ftune.models.runs import is_run_dir, run_config
+
+    if bool(run) == bool(model):
+        raise FtuneError("ftune eval needs exactly one of run=<run dir> or model=<path>",
+                         hint="e.g. ftune eval run=outputs/<run>   or   ftune eval model=merged/<name> dataset=smol-instruct")
+    if run:
+        run_dir = Path(run)
+        if not is_run_dir(run_dir):
+            raise FtuneError(f"run: {run_dir} is not a run directory (no config.yaml/command.txt)",
+                             hint="Give the directory of a finished `ftune train` run, or use model=<path>.")
+        if overrides:
+            raise FtuneError(f"ftune eval run=…: config overrides ({' '.join(overrides)}) apply to model=… only",
+                             hint="A run is evaluated on its own held-out split with its own config.")
+        return Subject(str(run_dir), run_config(run_dir), run_dir, Path(out) if out else run_dir / "eval")
+    from ftune.config.compose import compose
+
+    path = Path(model)
+    merge_info = path / "ftune_merge.json"  # a merged folder knows its chat template
+    template = json.loads(merge_info.read_text()).get("template") if merge_info.is_file() else None
+    extra = [f"dataset.template={template}"] if template and not any(o.startswith("dataset.template") for o in overrides) else []
+    # The model is evaluated as it is: no method is applied to it.
+    cfg = compose([f"model.path={model}", *extra, *overrides]).cfg
+    if cfg.stage.name not in ("pt", "sft"):
+        raise FtuneError(f"ftune eval model=…: stage={cfg.stage.name} needs a run", hint="Evaluate the run directory instead.")
+    name = path.name.removesuffix(".gguf") or "model"
+    return Subject(str(model), cfg, None, Path(out) if out else Path("eval") / name)
+
+
+def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
+    """(trained model, tokenizer): a run with its method applied (not merged, so the base stays
+    reachable through disable_adapter), or the plain model."""
+    if sub.run_dir is None:
+        from ftune.models.load import load
+
+        return load(sub.cfg, device)
     from ftune.models.runs import load_run
-    from ftune.train import objectives
-    from ftune.train.run import make_accelerator
-    from ftune.train.trainer import evaluate_all
 
-    run_dir = Path(run_dir)
-    cfg, _, prompts = held_out(run_dir, n_prompts)
-    if cfg.stage.name == "ppo":
-        raise FtuneError("ftune eval: PPO runs report their held-out reward in summary.json (eval_metrics_after); "
-                         "evaluate the policy's answers with ftune eval after merging it (model=…) — not built yet")
-    device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
-    accelerator = make_accelerator(cfg, device)
-    model, tokenizer, _ = load_run(run_dir, device)
-    if cfg.stage.name == "rm":
+    model, tokenizer, _ = load_run(sub.run_dir, device)
+    if sub.cfg.stage.name == "rm":
         from ftune.models.runs import trained_folder
         from ftune.train.heads import WithScalarHead, load_head
 
         model = WithScalarHead(model)
-        load_head(model, trained_folder(run_dir, cfg))
-    data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
-    objective = objectives.get(cfg.stage)
-    mbs, pad = cfg.train.micro_batch_size, tokenizer.pad_token_id
-    trained = evaluate_all(model, objective, data.eval, mbs, pad, accelerator)
-    base = None
-    if hasattr(model, "disable_adapter") and cfg.stage.name in ("pt", "sft"):
-        with model.disable_adapter():
-            base = evaluate_all(model, objective, data.eval, mbs, pad, accelerator)
-    report: dict[str, Any] = {"run": str(run_dir), "stage": cfg.stage.name, "held_out_rows": len(data.eval),
-                              "loss": trained[0], "metrics": trained[1]}
-    if cfg.stage.name in ("pt", "sft"):
-        report["perplexity"] = math.exp(trained[0])
-    if base is not None:
-        report.update(base_loss=base[0], base_perplexity=math.exp(base[0]))
-    if cfg.stage.name in ("pt", "sft", "dpo"):
-        gens = generations(model, tokenizer, cfg, prompts, max_new, accelerator)
-        counts = {}
-        for g in gens:
-            for p in g["problems"]:
-                counts[p] = counts.get(p, 0) + 1
-        from ftune.train.rewards import reference_reward
+        load_head(model, trained_folder(sub.run_dir, sub.cfg))
+    return model, tokenizer
 
+
+def load_base(sub: Subject, device: torch.device) -> Any:
+    """The run's starting model on its own (for methods without an adapter switch)."""
+    from ftune.models.load import load
+
+    return load(sub.cfg, device)[0]  # the saved config: its model.path is where the run started
+
+
+def _count(gens: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for g in gens:
+        for p in g["problems"]:
+            counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, opts: EvalOptions, plan: Any,
+            accelerator: Any, reward: Any) -> dict[str, Any]:
+    """Every figure of one model: loss, answers and their problems, reward, benchmarks."""
+    from ftune.train import objectives
+    from ftune.train.rewards import reference_reward
+    from ftune.train.trainer import evaluate_all
+
+    cfg, stage, out = sub.cfg, sub.cfg.stage.name, {}
+    if stage != "ppo" and data is not None and data.eval:
+        loss, metrics = evaluate_all(model, objectives.get(cfg.stage), data.eval, cfg.train.micro_batch_size,
+                                     tokenizer.pad_token_id, accelerator)
+        out.update(loss=loss, metrics=metrics)
+        if stage in ("pt", "sft"):
+            out["perplexity"] = math.exp(loss)
+    if stage != "rm" and prompts:
+        gens = generations(model, tokenizer, cfg, prompts, opts.max_new, accelerator)
+        out.update(generations=gens, problem_counts=_count(gens))
         with_ref = [g for g in gens if g["reference"]]
-        report.update(generations=gens, problem_counts=counts)
         if with_ref:  # the reference answer appears in the answer (case, punctuation, spaces ignored)
-            report["reference_match"] = sum(reference_reward("", g["answer"], g["reference"]) for g in with_ref) / len(with_ref)
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    (out / "report.md").write_text(markdown(report))
+            out["reference_match"] = sum(reference_reward("", g["answer"], g["reference"]) for g in with_ref) / len(with_ref)
+        if reward is not None:
+            scores = reward([g["messages"] for g in gens], [g["answer"] for g in gens], [g["reference"] for g in gens])
+            for g, s in zip(gens, scores):
+                g["reward"] = float(s)
+            out["reward"] = sum(scores) / len(scores)
+    if plan is not None and stage != "rm":
+        from ftune.eval import benchmarks
+
+        out["benchmarks"] = benchmarks.run(plan, model, tokenizer, cfg.train.micro_batch_size, opts.limit, opts.chat)
+    return out
+
+
+def evaluate(run: str | None = None, model: str | None = None, overrides: list[str] | None = None,
+             opts: EvalOptions | None = None) -> dict:
+    """Evaluate and write <out>/report.md, report.json and summary.png; returns the report."""
+    from ftune.data.build import build as build_data
+    from ftune.eval import benchmarks
+    from ftune.train.run import make_accelerator
+
+    opts = opts or EvalOptions()
+    sub = subject(run, model, list(overrides or []), opts.out)
+    cfg, stage = sub.cfg, sub.cfg.stage.name
+    plan = benchmarks.prepare(list(opts.benchmarks), list(opts.tasks))  # checked before any model loads
+    if plan is not None and stage == "rm":
+        raise FtuneError("benchmarks score language models; a stage=rm run is a reward model",
+                         hint="Drop benchmarks=/tasks= for reward models (their report is held-out accuracy).")
+    _, prompts = held_out(cfg, opts.n_prompts)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    accelerator = make_accelerator(cfg, device)
+    reward = None
+    if stage == "ppo":
+        from ftune.train import rewards
+
+        reward = rewards.build(cfg.stage, device, cfg.hardware.precision)
+    trained_model, tokenizer = load_subject(sub, device)
+    data = build_data(cfg.dataset, stage, cfg.train.seed, tokenizer) if stage != "ppo" else None
+    report: dict[str, Any] = {"subject": sub.label, "stage": stage, "method": cfg.method.name if sub.run_dir else None,
+                              "held_out_rows": len(data.eval) if data else len(prompts),
+                              "trained": measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)}
+    # The base: RM heads start untrained (accuracy 0.5 by construction) and DPO's base is its own
+    # reference (loss log 2), so only their trained figures say anything.
+    if opts.base and sub.run_dir is not None and stage in ("pt", "sft", "ppo"):
+        if hasattr(trained_model, "disable_adapter"):
+            with trained_model.disable_adapter():
+                report["base"] = measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)
+        else:
+            del trained_model
+            gc.collect()
+            trained_model = load_base(sub, device)
+            report["base"] = measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)
+    if plan is not None:
+        report["benchmark_names"] = plan.names
+        plan.folder.cleanup()
+    sub.out.mkdir(parents=True, exist_ok=True)
+    (sub.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    from ftune.eval.plots import summary_plot
+
+    if summary_plot(report, sub.out / "summary.png"):
+        report["plot"] = str(sub.out / "summary.png")
+    (sub.out / "report.md").write_text(markdown(report))
+    report["out"] = str(sub.out)
     return report
 
 
+def evaluate_run(run_dir: str | Path, n_prompts: int = 16, max_new: int = 128) -> dict:
+    """The report of a run with the default options (no benchmarks)."""
+    return evaluate(run=str(run_dir), opts=EvalOptions(n_prompts=n_prompts, max_new=max_new))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
 def markdown(r: dict) -> str:
-    lines = [f"# Evaluation of {r['run']}", "", f"Stage {r['stage']}, {r['held_out_rows']} held-out rows.", "",
-             "| | trained | base |", "|---|---:|---:|",
-             f"| held-out loss | {r['loss']:.4f} | {r.get('base_loss', float('nan')):.4f} |"]
-    if "perplexity" in r:
-        lines.append(f"| perplexity | {r['perplexity']:.3f} | {r.get('base_perplexity', float('nan')):.3f} |")
-    lines += [f"| {k} | {v:.4f} | |" for k, v in r["metrics"].items()]
-    if "generations" in r:
-        n = len(r["generations"])
-        match = f"; the reference answer appears in {r['reference_match']:.0%} of them" if "reference_match" in r else ""
-        lines += ["", f"## Greedy answers to {n} held-out prompts{match}", "",
-                  "Problems: " + (", ".join(f"{k} {v}/{n}" for k, v in sorted(r["problem_counts"].items())) or "none"), ""]
-        for g in r["generations"][:8]:
+    t, b = r["trained"], r.get("base", {})
+    lines = [f"# Evaluation of {r['subject']}", "",
+             f"Stage {r['stage']}" + (f", method {r['method']}" if r.get("method") else "") +
+             f", {r['held_out_rows']} held-out rows.", "", "| | trained | base |", "|---|---:|---:|"]
+    rows = [("held-out loss", "loss"), ("perplexity", "perplexity"), ("reward (run's own)", "reward"),
+            ("reference answer found", "reference_match")]
+    lines += [f"| {label} | {_fmt(t[key])} | {_fmt(b.get(key))} |" for label, key in rows if key in t]
+    lines += [f"| {k} | {_fmt(v)} | {_fmt(b.get('metrics', {}).get(k))} |" for k, v in t.get("metrics", {}).items()]
+    for task, scores in t.get("benchmarks", {}).items():
+        for metric, value in scores.items():
+            lines.append(f"| {task} {metric} | {_fmt(value)} | {_fmt(b.get('benchmarks', {}).get(task, {}).get(metric))} |")
+    if "generations" in t:
+        n = len(t["generations"])
+        lines += ["", f"## Greedy answers to {n} held-out prompts", "",
+                  "Problems (trained): " + (", ".join(f"{k} {v}/{n}" for k, v in sorted(t["problem_counts"].items())) or "none")]
+        if "problem_counts" in b:
+            lines.append("Problems (base): " + (", ".join(f"{k} {v}/{n}" for k, v in sorted(b["problem_counts"].items())) or "none"))
+        lines.append("")
+        for g in t["generations"][:8]:
             flag = f" **[{', '.join(g['problems'])}]**" if g["problems"] else ""
-            lines += [f"- Q: {g['prompt'][:120]!r}", f"  A: {g['answer'][:200]!r}{flag}"]
+            score = f" (reward {g['reward']:.2f})" if "reward" in g else ""
+            lines += [f"- Q: {g['prompt'][:120]!r}", f"  A: {g['answer'][:200]!r}{flag}{score}"]
+    if r.get("plot"):
+        lines += ["", f"![summary]({Path(r['plot']).name})"]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ permuted from the Hugging Face rotary layout (halves) to GGML's (interleaved pai
 not (llama.cpp runs qwen2 with the halves layout, NEOX rope).
 Supported: Llama-architecture models (Llama 2/3, Mistral, SmolLM) and Qwen2.
 
-A merged 4-bit QA-LoRA folder (ftune_qalora_groups.safetensors beside the weights) exported as
+A merged 4-bit QA-LoRA folder (ftune_qalora/groups.safetensors beside the weights) exported as
 q4_1 gets its quantised layers written from the INT codes, scales and zero-points themselves:
 a q4_1 block (value = d*q + m over 32 weights of a row) holds w = s*(q - z) exactly with d = s and
 m = -s*z whenever the group size is a multiple of 32, so only the f16 rounding of d and m is lost.
@@ -278,5 +278,5 @@ def check_groups(files: list[Path], groups: dict[str, tuple[np.ndarray, ...]]) -
                 for name, (codes, _, _) in groups.items() if shapes.get(name) != codes.shape]
     if problems:
         raise FtuneError("the QA-LoRA groups beside the weights do not match them", problems,
-                         "Merge the run again (ftune merge), or delete ftune_qalora_groups.safetensors "
+                         "Merge the run again (ftune merge), or delete ftune_qalora/groups.safetensors "
                          "to export the weights as they are.")

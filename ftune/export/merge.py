@@ -7,7 +7,7 @@ folded in; QA-LoRA's merged INT4 groups are dequantised), and the result is cast
 dtype and saved with safetensors, the tokenizer and its chat template, and a generation config
 whose EOS includes the template's end-of-turn token. The folder is written under a temporary name
 and renamed, so an interrupted merge never leaves a half-written model behind. A 4-bit QA-LoRA run
-also keeps its merged groups (codes, scales, zero-points) in `ftune_qalora_groups.safetensors`, so
+also keeps its merged groups (codes, scales, zero-points) in `ftune_qalora/groups.safetensors`, so
 export-gguf can write them as q4_1 blocks exactly instead of re-quantising the dequantised weights.
 """
 
@@ -28,7 +28,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Not model weights: transformers loads only model.safetensors (or the files its index names) and
 # our GGUF writer skips this file by name. Tools that load every *.safetensors in a folder would not.
-QALORA_GROUPS = "ftune_qalora_groups.safetensors"
+# In a subfolder: tools that load every top-level *.safetensors of a model folder as weights
+# (vLLM without an index file, for one) must not see it.
+QALORA_GROUPS = "ftune_qalora/groups.safetensors"
 
 
 def default_name(cfg: Any, dtype: str) -> str:
@@ -142,11 +144,14 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise FtuneError(f"out: {target} exists and is not empty", hint="Pick another out=, or add --overwrite.")
     model.config.name_or_path = target.name
     gen = model.generation_config
-    from ftune.data.templates import stop_token_ids
+    from ftune.data.templates import load_template, stop_token_ids, to_jinja
 
     stops = stop_token_ids(tokenizer, saved.dataset.template)
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
     gen.pad_token_id = tokenizer.pad_token_id
+    template = load_template(saved.dataset.template)
+    if template is not None:  # the merged model's chat template is the format it was trained on
+        tokenizer.chat_template = to_jinja(template, tokenizer)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -156,6 +161,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     if groups:
         from safetensors.torch import save_file
 
+        (tmp / QALORA_GROUPS).parent.mkdir()
         save_file(groups, str(tmp / QALORA_GROUPS))
         meta["qalora_group_size"] = group_size
     (tmp / "ftune_merge.json").write_text(json.dumps(meta, indent=2))

@@ -87,14 +87,10 @@ class RewardModelScores:
 
     def __init__(self, run_dir: str, device: torch.device, precision: str):
         from ftune.data import templates
-        from ftune.models.runs import load_run, run_config, trained_folder
-        from ftune.train.heads import HEAD_FILE, WithScalarHead, load_head
+        from ftune.models.runs import load_run
+        from ftune.train.heads import WithScalarHead, load_head
 
-        saved = run_config(Path(run_dir))
-        folder = trained_folder(Path(run_dir), saved)
-        if saved.stage.name != "rm" or not (folder / HEAD_FILE).is_file():
-            raise FtuneError(f"stage.reward_model: {run_dir} is a stage={saved.stage.name} run, not a reward model",
-                             hint="Train one first: ftune train recipe=smollm2-rm, then give its run directory.")
+        folder = self.check(run_dir)
         lm, self.tokenizer, saved = load_run(Path(run_dir), device)
         self.model = WithScalarHead(lm)
         load_head(self.model, folder)
@@ -102,6 +98,22 @@ class RewardModelScores:
         self.template = templates.load_template(saved.dataset.template)
         self.max_len = saved.dataset.max_seq_len
         self.device, self.precision = device, precision
+
+    @staticmethod
+    def check(run_dir: str) -> Path:
+        """The reward model run's trained folder; a clear error when it is not a finished rm run."""
+        from ftune.models.runs import is_run_dir, run_config, trained_folder
+        from ftune.train.heads import HEAD_FILE
+
+        if not is_run_dir(run_dir):
+            raise FtuneError(f"reward model: {run_dir} is not a run directory",
+                             hint="Give the directory of a stage=rm run (ftune train recipe=smollm2-rm).")
+        saved = run_config(Path(run_dir))
+        folder = trained_folder(Path(run_dir), saved)
+        if saved.stage.name != "rm" or not (folder / HEAD_FILE).is_file():
+            raise FtuneError(f"reward model: {run_dir} is a stage={saved.stage.name} run, not a reward model",
+                             hint="Train one first: ftune train recipe=smollm2-rm, then give its run directory.")
+        return folder
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str], references: list[Any]) -> list[float]:
