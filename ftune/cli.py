@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -25,12 +26,36 @@ OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides, e.g. met
 
 
 @app.command()
-def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Train: compose the recipe, validate it, then run the trainer."""
+def train(overrides: Optional[List[str]] = OVERRIDES,
+          print_launch: bool = typer.Option(False, "--print-launch", help="Print the launch command (torchrun for "
+                                            "several processes) and exit; for SLURM scripts."),
+          force: bool = typer.Option(False, "--force", help="Train even when the memory preflight says it will not fit.")
+          ) -> None:
+    """Train: compose the recipe, validate it, check memory, then run the trainer (relaunched under
+    torchrun when the hardware profile asks for several processes)."""
+    from ftune.config.checks import world_size
     from ftune.config.compose import compose
+    from ftune.train import distributed
+
+    composed = compose(overrides or [])
+    cfg = composed.cfg
+    several = world_size(cfg) > 1 and not distributed.in_launcher()
+    if several or print_launch:
+        cmd, env = (distributed.launch_command(cfg, list(overrides or [])) if world_size(cfg) > 1
+                    else ([sys.executable, "-m", "ftune.cli", "train", *(overrides or [])], {}))
+        if print_launch:
+            print(distributed.shell(cmd, env))
+            return
+    if distributed.is_main() and not os.environ.get(distributed.LAUNCHED):  # checked once, before launching
+        from ftune.plan import preflight
+
+        preflight(cfg, console, force)
+    if several:
+        console.print(f"launching {world_size(cfg)} processes: {distributed.shell(cmd, env)}")
+        sys.exit(distributed.relaunch(cmd, env))
     from ftune.train.run import train as run_train
 
-    run_train(compose(overrides or []), console)
+    run_train(composed, console)
 
 
 @app.command()

@@ -64,10 +64,38 @@ def derive(cfg: FtuneConfig) -> list[str]:
         cfg.dataset.template = cfg.model.template
     if cfg.stage.name == "pt":
         cfg.dataset.train_on = "all"
+    notes += _derive_scale_out(cfg)
     if cfg.stage.name in ("dpo", "rm", "ppo") and cfg.dataset.packing:
         cfg.dataset.packing = False
         why = "generates and scores whole answers" if cfg.stage.name == "ppo" else "compares whole answers pair by pair"
         notes.append(f"stage={cfg.stage.name} {why}, so rows are not packed (dataset.packing=false)")
+    return notes
+
+
+def _derive_scale_out(cfg: FtuneConfig) -> list[str]:
+    """Several processes split each step's micro-batches, so grad_accum must be a multiple of the
+    process count. Keep the global batch (micro_batch_size x grad_accum rows) when it divides;
+    otherwise grow grad_accum and say so."""
+    hw, tr, notes = cfg.hardware, cfg.train, []
+    if hw.activation_checkpointing and not tr.gradient_checkpointing:
+        tr.gradient_checkpointing = True
+    world = world_size(cfg)
+    if world > 1 and hw.strategy == "none":
+        hw.strategy = "ddp"
+        notes.append(f"{world} processes: hardware.strategy=ddp")
+    if world == 1 or tr.grad_accum % world == 0:
+        return notes
+    total = tr.micro_batch_size * tr.grad_accum
+    ga = next((g for g in range(world, total + 1, world) if total % g == 0), None)
+    if ga is not None:
+        notes.append(f"{world} processes share each step: train.grad_accum {tr.grad_accum} -> {ga}, "
+                     f"micro_batch_size {tr.micro_batch_size} -> {total // ga} (same global batch of {total})")
+        tr.grad_accum, tr.micro_batch_size = ga, total // ga
+    else:
+        ga = world * -(-tr.grad_accum // world)
+        notes.append(f"{world} processes: train.grad_accum {tr.grad_accum} -> {ga} (a multiple of the processes); "
+                     f"the global batch grows from {total} to {tr.micro_batch_size * ga} rows")
+        tr.grad_accum = ga
     return notes
 
 
@@ -200,16 +228,56 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
     hw = cfg.hardware
     _choice(problems, "hardware.device", hw.device, ("auto", "cpu", "cuda"))
     _choice(problems, "hardware.precision", hw.precision, PRECISIONS)
-    _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
-    if hw.num_processes != 1 or hw.num_nodes != 1 or hw.strategy != "none":
-        problems.append("hardware: multi-process training (num_processes/num_nodes > 1, strategy) is not in this "
-                        "release; use hardware=cpu or hardware=single-gpu")
+    _check_scale_out(cfg, problems)
     if hw.device == "cpu" and hw.precision == "fp16":
         problems.append("hardware.precision=fp16 is not supported on CPU; use bf16 or fp32")
     # bitsandbytes' 4-bit layers run on CPU (measured: QLoRA trains there); its paged/8-bit
     # optimisers are CUDA-only.
     if hw.device == "cpu" and cfg.train.optim != "adamw":
         problems.append(f"train.optim={cfg.train.optim} needs bitsandbytes on CUDA; use train.optim=adamw on CPU")
+
+
+def world_size(cfg: FtuneConfig) -> int:
+    """Processes of the whole run (num_processes 0: one per visible GPU, at least one)."""
+    hw = cfg.hardware
+    per_node = hw.num_processes
+    if per_node == 0:
+        import torch
+
+        per_node = max(1, torch.cuda.device_count()) if hw.device != "cpu" else 1
+    return max(1, per_node) * max(1, hw.num_nodes)
+
+
+def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
+    hw = cfg.hardware
+    _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
+    _choice(problems, "hardware.attn_implementation", hw.attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"))
+    if hw.num_processes < 0 or hw.num_nodes < 1:
+        problems.append(f"hardware.num_processes must be >= 0 and hardware.num_nodes >= 1 "
+                        f"(got {hw.num_processes}, {hw.num_nodes})")
+    if hw.strategy == "deepspeed" and hw.zero_stage not in (2, 3):
+        problems.append(f"hardware.zero_stage must be 2 or 3 with strategy=deepspeed (got {hw.zero_stage})")
+    if hw.strategy != "deepspeed" and (hw.zero_stage or hw.offload_optimizer or hw.offload_params):
+        problems.append("hardware.zero_stage/offload_optimizer/offload_params apply to strategy=deepspeed only")
+    if hw.offload_params and hw.zero_stage != 3:
+        problems.append("hardware.offload_params needs zero_stage=3 (ZeRO-2 does not shard parameters)")
+    if hw.cpu_offload and hw.strategy != "fsdp":
+        problems.append("hardware.cpu_offload applies to strategy=fsdp only (DeepSpeed: offload_optimizer/offload_params)")
+    if hw.device == "cpu" and hw.strategy == "deepspeed":
+        problems.append("strategy=deepspeed needs CUDA GPUs; on CPU use strategy=fsdp (FSDP2 over gloo) or ddp")
+    if hw.device == "cpu" and hw.liger:
+        problems.append("hardware.liger=true needs CUDA (Liger kernels are Triton kernels); set it false on CPU")
+    if world_size(cfg) > 1:
+        if cfg.stage.name == "ppo":
+            problems.append("stage=ppo runs in one process in this release (one process generates the rollouts); "
+                            "use hardware=single-gpu or hardware=cpu")
+        if cfg.method.name == "dylora":
+            problems.append("method=dylora samples a rank per step from each process's random state, which several "
+                            "processes would not share; train it in one process")
+        if hw.strategy in ("fsdp", "deepspeed") and cfg.model.quantization != "none":
+            problems.append(f"model.quantization={cfg.model.quantization} (qlora) with strategy={hw.strategy} is not "
+                            "supported in this release; use strategy=ddp for QLoRA on several GPUs")
 
 
 def _check_ppo(cfg: FtuneConfig, problems: list[str]) -> None:

@@ -240,11 +240,39 @@ class HardwareConfig:
     threads: int = 0
     """CPU threads for torch (0: torch's default, all cores)."""
     num_processes: int = 1
-    """Processes per node (1 here; multi-process profiles arrive with the scale-out release)."""
+    """Processes per node; 0: one per visible GPU. More than one: `ftune train` relaunches itself
+    under torchrun. The global batch stays micro_batch_size x grad_accum: the processes split each
+    step's micro-batches, so the loss curve does not depend on the process count."""
     num_nodes: int = 1
-    """Machines taking part (multi-node profiles arrive with the scale-out release)."""
+    """Machines taking part (each runs the same command; see node_rank and master_addr)."""
+    node_rank: int = -1
+    """This machine's index among num_nodes; -1: from NODE_RANK or SLURM_NODEID."""
+    master_addr: str = ""
+    """Address of node 0; "": MASTER_ADDR, else the first host of SLURM_JOB_NODELIST, else localhost."""
+    master_port: int = 29500
+    """Rendezvous port on node 0 (MASTER_PORT overrides)."""
     strategy: str = "none"
-    """none | ddp | fsdp | deepspeed: how several processes share the work."""
+    """none | ddp | fsdp | deepspeed: how several processes share the work. ddp: every process
+    holds the model, gradients are averaged. fsdp: FSDP2 fully_shard per decoder layer (weights,
+    gradients and optimiser state sharded). deepspeed: ZeRO stage zero_stage through Accelerate."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (sets train.gradient_checkpointing)."""
+    cpu_offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimiser state in CPU memory."""
+    zero_stage: int = 0
+    """deepspeed: 2 (optimiser state + gradients sharded) or 3 (weights too)."""
+    offload_optimizer: bool = False
+    """deepspeed: optimiser state in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """deepspeed zero_stage 3: parameters in CPU memory too."""
+    attn_implementation: str = "auto"
+    """auto | sdpa | eager | flash_attention_2 for this hardware (model.attn_implementation, when
+    not auto, wins). auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    liger: bool = False
+    """CUDA: Liger kernels (fused RMSNorm, SwiGLU, RoPE, cross-entropy) when liger-kernel is installed."""
+    memory_gib: float = 0.0
+    """Memory per device for the preflight check; 0: measured (free GPU memory, or available RAM
+    shared by the processes on CPU)."""
 
 
 # ----------------------------------------------------------------------------- train

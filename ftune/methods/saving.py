@@ -29,11 +29,13 @@ def output_name(method: str) -> str:
     return "model" if method in FULL_MODEL_METHODS else "adapter"
 
 
-def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: Path) -> Path:
+def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: Path,
+                 state_dict: dict | None = None) -> Path:
+    """`state_dict`: whole tensors gathered from shards (FSDP); None reads them from the model."""
     if is_peft(model) or method.name in FULL_MODEL_METHODS:
-        model.save_pretrained(out)
+        model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
     else:
-        state, saved_method = native_state(model, method)
+        state, saved_method = native_state(model, method, state_dict)
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / "adapter.safetensors"))
         meta = {"format": FORMAT, "method": dataclasses.asdict(saved_method), "base_model": base_path}
@@ -42,12 +44,14 @@ def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: P
     return out
 
 
-def native_state(model: Any, method: Any) -> tuple[dict, Any]:
+def native_state(model: Any, method: Any, state_dict: dict | None = None) -> tuple[dict, Any]:
     """Tensors to save and the method config that rebuilds them (DyLoRA: cut to save_rank)."""
     if method.name == "dylora" and method.save_rank and method.save_rank != method.r:
         from ftune.methods.dylora import truncated_state
 
         return truncated_state(model, method.save_rank), dataclasses.replace(method, r=method.save_rank)
+    if state_dict is not None:
+        return {n: t.contiguous() for n, t in state_dict.items()}, method
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     return state, method
 

@@ -51,15 +51,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
+def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict, keep: int) -> Path | None:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones.
+
+    Every process calls this (sharded tensors are gathered collectively); rank 0 writes."""
+    from ftune.train import distributed
+
+    tensors, optim = distributed.full_state(model), distributed.optimizer_state(model, optimizer)
+    if not distributed.is_main():
+        return None
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    save_file(tensors, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "train_state.pt")
     # state.json is written last: its presence marks the folder complete.
     (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
@@ -96,6 +103,8 @@ def find(path: Path) -> Path:
 
 def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
     """Restore parameters, optimiser, scheduler and RNG; returns the saved state.json."""
+    from ftune.train import distributed
+
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]
@@ -103,11 +112,8 @@ def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
         raise FtuneError(f"train.resume: checkpoint {ckpt} does not match this model/method",
                          [f"unknown parameter {unknown[0]} (+{len(unknown) - 1} more)"],
                          "Resume with the same recipe and overrides that wrote the checkpoint.")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].device))
     state = torch.load(ckpt / "train_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    distributed.load_full_state(model, optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((ckpt / STATE).read_text())

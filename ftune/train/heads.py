@@ -102,10 +102,11 @@ def last_token_scores(per_token: torch.Tensor, attention_mask: torch.Tensor) -> 
     return per_token.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def save_head(head: torch.nn.Linear, folder: Path, kind: str) -> None:
+def save_head(head: torch.nn.Linear, folder: Path, kind: str, state: dict | None = None) -> None:
+    """`state`: the head's whole tensors when they were gathered from shards (several processes)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
+    state = state or {"weight": head.weight.detach(), "bias": head.bias.detach()}
+    save_file({k: state[k].float().cpu().contiguous() for k in ("weight", "bias")}, str(folder / HEAD_FILE))
     (folder / HEAD_META).write_text(json.dumps({"kind": kind, "hidden_size": head.in_features}, indent=2))
 
 

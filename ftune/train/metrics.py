@@ -10,14 +10,15 @@ from typing import Any
 class MetricsLog:
     """Append-only metrics.jsonl (+ TensorBoard). On resume, lines past the resumed step are dropped."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0, enabled: bool = True):
+        self.path, self.enabled, self.writer = run_dir / "metrics.jsonl", enabled, None
+        if not enabled:  # processes other than rank 0 write nothing
+            return
         if resume_step and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.write_text("")
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -27,6 +28,8 @@ class MetricsLog:
                 self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

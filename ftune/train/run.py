@@ -27,7 +27,7 @@ from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
 from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
-from ftune.train import checkpoint, objectives
+from ftune.train import checkpoint, distributed, objectives
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.heads import WithScalarHead, save_head, unwrap_head
@@ -63,7 +63,20 @@ def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
 
     # One process may train several times (tests, notebooks): start from a clean state each time.
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[cfg.hardware.precision])
+    if cfg.hardware.strategy == "deepspeed" and distributed.world() > 1:
+        # DeepSpeed steps its optimiser inside backward and scales by its own accumulation count;
+        # ftune's loop (each process's share of a step, token-weighted) has not been run under it
+        # on GPUs yet, so it refuses rather than train with unverified gradients.
+        raise FtuneError("training under DeepSpeed is not enabled in this release",
+                         ["the deepspeed profiles compose and validate, and --print-launch shows their command"],
+                         "Use hardware=fsdp (FSDP2 shards weights, gradients and optimiser state like ZeRO-3) or "
+                         "hardware=fsdp-offload (like ZeRO-3 offload); both are tested.")
+    from accelerate.utils import DataLoaderConfiguration
+
+    # split_batches: a training step is one step whatever the process count. (Without it Accelerate
+    # assumes each process consumed its own batch and steps the LR schedule once per process.)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED_PRECISION[cfg.hardware.precision],
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def run_steps(cfg: FtuneConfig, n_samples: int) -> int:
@@ -104,20 +117,28 @@ def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[d
 def train(composed: Composed, console: Console | None = None, stop_after: int | None = None) -> dict:
     """Run one training job; returns the summary also written to <run>/summary.json."""
     cfg = composed.cfg
+    main = distributed.is_main()  # several processes: rank 0 alone prints and writes files
     console = console or Console()
+    if not main:
+        console = Console(quiet=True)
     wall_start = time.perf_counter()
     seed_everything(cfg.train.seed)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
 
-    # The run directory first: everything after writes into it.
-    run_dir, resume_from = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(composed.to_yaml())
-    (run_dir / "command.txt").write_text("ftune train " + " ".join(composed.overrides) + "\n")
-
     device = model_load.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
+    device = accelerator.device  # several GPUs: this process's own
+    # The run directory first: everything after writes into it. Every process uses rank 0's.
+    run_dir, resume_from = resolve_run_dir(cfg)
+    if distributed.world() > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_dir, resume_from = broadcast_object_list([run_dir, resume_from], from_process=0)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(composed.to_yaml())
+        (run_dir / "command.txt").write_text("ftune train " + " ".join(composed.overrides) + "\n")
     console.print(f"[bold]ftune train[/] recipe={cfg.recipe}  model={cfg.model.name}  method={cfg.method.name}  "
                   f"stage={cfg.stage.name}  device={device.type}  precision={cfg.hardware.precision}")
     console.print(f"run directory: {run_dir}")
@@ -126,9 +147,10 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     # should not cost the time of building adapters.
     with console.status("loading model"):
         model, tokenizer = model_load.load(cfg, device)
-    with console.status("tokenising data"):
+    with console.status("tokenising data"), accelerator.main_process_first():  # rank 0 fills the cache
         data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
-    (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
+    if main:
+        (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
     _report_data(console, data.stats, cfg)
 
     if cfg.train.gradient_checkpointing:
@@ -152,9 +174,16 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     hooks = hooks_for(cfg)
-    optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
-    scheduler = build_scheduler(optimizer, cfg.train, steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.hardware.strategy == "fsdp" and distributed.world() > 1:
+        # FSDP2 shards before the optimiser exists, so the optimiser holds the shards.
+        model = distributed.shard_fsdp(model, cfg.hardware, device)
+        optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
+        scheduler = build_scheduler(optimizer, cfg.train, steps)
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
+        scheduler = build_scheduler(optimizer, cfg.train, steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
                       tokenizer.pad_token_id, run_dir, hooks, cfg=cfg, tokenizer=tokenizer, steps=steps)
 
@@ -166,7 +195,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     else:
         state.eval_before, state.eval_metrics_before = evaluate_held_out(parts, cfg.train.micro_batch_size)
         console.print(f"held-out loss before training: {state.eval_before:.4f}{_fmt(state.eval_metrics_before)}")
-    log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step)
+    log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step, enabled=main)
     if resume_from is None:
         log.write({"step": 0, "eval_loss": state.eval_before})
 
@@ -188,10 +217,18 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     unwrapped = accelerator.unwrap_model(model)
     trained = unwrap_head(unwrapped)
     method_results = hooks.after_training(trained, held_out)
-    saved_to = save_trained(trained, tokenizer, cfg.method, base_path, run_dir / output_name(cfg.method.name))
-    if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter
-        save_head(unwrapped.head, saved_to, kind="reward" if cfg.stage.name == "rm" else "value")
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    # Whole tensors (sharded ones gathered by every process), written by rank 0.
+    from ftune.methods.saving import FULL_MODEL_METHODS
+
+    sharded = distributed.is_sharded(unwrapped)
+    state_dict = distributed.full_state(trained, trainable_only=cfg.method.name not in FULL_MODEL_METHODS) if sharded else None
+    head_state = distributed.full_state(unwrapped.head) if sharded and isinstance(unwrapped, WithScalarHead) else None
+    saved_to = run_dir / output_name(cfg.method.name)
+    if main:
+        saved_to = save_trained(trained, tokenizer, cfg.method, base_path, saved_to, state_dict)
+        if head_state is not None:  # the reward head (rm) or value head (ppo) beside the adapter
+            save_head(unwrapped.head, saved_to, kind="reward" if cfg.stage.name == "rm" else "value", state=head_state)
+        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
         "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
@@ -205,7 +242,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if cfg.train.sample_max_new_tokens and prompts and cfg.stage.name != "rm":  # a reward model scores, it does not answer
         summary["sample_prompt"] = prompts[0][-1]["content"]
         summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], accelerator)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report_summary(console, summary)
     return summary
 

@@ -18,7 +18,7 @@ import torch
 
 from ftune.config.schema import TrainConfig
 from ftune.methods import StepHooks
-from ftune.train import checkpoint
+from ftune.train import checkpoint, distributed
 from ftune.train.heads import WithScalarHead, unwrap_head
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives import Objective
@@ -119,15 +119,20 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
     # Method hooks see the model their method built, inside a stage's scalar head (rm, ppo).
     inner = unwrap_head(accelerator.unwrap_model(model))
     hooks.before_step(inner, step)
+    # The step's target count over ALL micro-batches: with several processes each takes every
+    # world-th micro-batch, and its loss is scaled by world because DDP/FSDP average gradients —
+    # so the summed gradient is exactly the one-process gradient of the whole step.
     n_targets = sum(objective.count(b) for b in batches)
+    rank, world = distributed.rank(), distributed.world()
+    mine = batches[rank::world]
     loss_total, sums = 0.0, {}
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
+    for i, batch in enumerate(mine):
+        last = i == len(mine) - 1
         # Skip the gradient all-reduce on all but the last micro-batch (a no-op in one process).
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 loss_sum, _, metrics = objective.loss(model, batch)
-                loss = loss_sum / n_targets
+                loss = loss_sum * world / n_targets
                 extra = hooks.regularizer(inner) if last else None
                 if extra is not None:  # once per step, not once per micro-batch
                     loss = loss + extra
@@ -135,8 +140,13 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
         loss_total += float(loss_sum.detach())
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value
+    if world > 1:  # metrics of the whole step, not of this process's share
+        keys = sorted(sums)
+        totals = torch.tensor([loss_total, *(sums[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+        totals = accelerator.reduce(totals, reduction="sum")
+        loss_total, sums = float(totals[0]), {k: float(v) for k, v in zip(keys, totals[1:])}
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norms = {name: float(accelerator.clip_grad_norm_(params, clip))
+    norms = {name: distributed.grad_norm_value(accelerator.clip_grad_norm_(params, clip))
              for name, params in clip_groups(accelerator.unwrap_model(model)).items()}
     optimizer.step()
     hooks.after_optimizer_step(inner, step)
@@ -221,7 +231,7 @@ def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, pr
     return state
 
 
-def save_checkpoint(parts: LoopParts, cfg: TrainConfig, state: FitState) -> Path:
+def save_checkpoint(parts: LoopParts, cfg: TrainConfig, state: FitState) -> Path | None:
     model = parts.accelerator.unwrap_model(parts.model)
     return checkpoint.save(parts.run_dir / "checkpoints", state.step, model, parts.optimizer, parts.scheduler,
                            vars(state).copy(), cfg.save_total_limit)

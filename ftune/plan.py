@@ -1,0 +1,333 @@
+"""Memory preflight: will the composed recipe fit, before anything loads? (`ftune plan`, and the
+check `ftune train` runs first.)
+
+Per device, in bytes:
+- weights: frozen parameters in their storage dtype (bf16/fp16 2 B, fp32 4 B; bitsandbytes 4-bit
+  ~0.56 B for quantised linear weights with double quantisation, 8-bit 1 B), trainable parameters as
+  fp32 master weights (4 B);
+- gradients of trainable parameters (4 B) and AdamW state (8 B; 8-bit AdamW 2 B);
+- activations kept for the backward pass, per token and layer, in the autocast dtype: the layer
+  input/norm outputs, q/k/v/o inputs and outputs and the four MLP tensors (6H + 2·kv + 4I
+  elements; Korthikanti et al. 2022, "Reducing Activation Recomputation", Sec. 4, adapted to
+  SwiGLU and grouped-query attention); eager attention adds the score matrices (2·heads·seq per
+  token). Gradient checkpointing keeps only each layer's input plus one layer recomputed;
+- logits: micro_batch x seq x vocab, computed in the autocast dtype, upcast to fp32 for the
+  cross-entropy, and their gradient (2 + 4 + 4 B per element);
+- sharding: fsdp divides weights, gradients and optimiser state by the process count; DeepSpeed
+  ZeRO-2 divides gradients and optimiser state, ZeRO-3 all three; offload moves them to CPU RAM;
+- runtime: the framework itself (CUDA context and allocator slack on GPUs; the Python process with
+  torch/transformers loaded on CPU), a constant measured on this project's runs.
+
+Activation and runtime terms are calibrated against measured peak memory (docs/memory.md,
+scripts/memory_calibration.py); the formulas and their sources are kept here and in that doc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftune.errors import FtuneError
+
+GIB = 2 ** 30
+# Measured (docs/memory.md): RSS of a CPU training process before the model loads — Python, torch,
+# transformers, peft, accelerate and the tokenised data.
+CPU_RUNTIME = 0.75 * GIB
+# CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
+CUDA_RUNTIME = 0.8 * GIB
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Shape:
+    """What the estimate needs from a model's config.json."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    total_params: int
+    linear_params: int  # parameters in the decoder layers' linear weights (what 4-bit quantises)
+
+
+def shape_from_config(config: dict) -> Shape:
+    text = config.get("text_config", config)
+    h, layers, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    heads = text["num_attention_heads"]
+    kv = text.get("num_key_value_heads") or heads
+    hd = text.get("head_dim") or h // heads
+    vocab = text["vocab_size"]
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    bias = (heads + 2 * kv) * hd if text.get("attention_bias") or config.get("model_type") == "qwen2" else 0
+    linear = layers * (attn + 3 * h * inter)
+    total = vocab * h * (1 if tied else 2) + linear + layers * (2 * h + bias) + h
+    return Shape(vocab, h, layers, inter, heads, kv, hd, tied, total, linear)
+
+
+# The shipped model configs' shapes (their public config.json values), so `ftune plan` works offline
+# before a multi-GB download.
+KNOWN = {
+    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                                     num_attention_heads=32, num_key_value_heads=32),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                                             intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+    "mistralai/Mistral-7B-Instruct-v0.3": dict(vocab_size=32768, hidden_size=4096, num_hidden_layers=32,
+                                               intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
+                                     num_attention_heads=28, num_key_value_heads=4, model_type="qwen2"),
+}
+
+
+def model_shape(cfg: Any) -> Shape:
+    """The model's shape from its config.json (a local folder, a converted GGUF, or the HF cache)."""
+    from ftune.models.load import resolve_model_path
+    from ftune.models.runs import is_run_dir, run_config
+
+    path = cfg.model.path
+    if is_run_dir(path):
+        return model_shape(run_config(Path(path)))
+    resolved = Path(resolve_model_path(cfg.model))
+    if (resolved / "config.json").is_file():
+        return shape_from_config(json.loads((resolved / "config.json").read_text()))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(cfg.model.path), "config.json")  # never touches the network
+    if isinstance(cached, str):
+        return shape_from_config(json.loads(Path(cached).read_text()))
+    if cfg.model.path in KNOWN:
+        return shape_from_config(KNOWN[cfg.model.path])
+    raise FtuneError(f"memory preflight: the config of {cfg.model.path} is not on this machine",
+                     hint="Download the model first (its config.json is enough), or skip the check with --force.")
+
+
+def trainable_params(cfg: Any, shape: Shape) -> int:
+    """Parameters the method trains: counted exactly by building the method on an empty (meta)
+    model; a rank-based formula when the method cannot be built that way."""
+    try:
+        return _meta_count(cfg)
+    except Exception:
+        pass
+    m = cfg.method
+    r = getattr(m, "r", 16)
+    per_layer_linear = 2 * (shape.hidden + shape.heads * shape.head_dim) + 2 * (shape.hidden + shape.kv_heads * shape.head_dim) \
+        + 3 * (shape.hidden + shape.intermediate)
+    if m.name in ("full",):
+        return shape.total_params
+    return r * per_layer_linear * shape.layers
+
+
+def _meta_count(cfg: Any) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftune.methods import Setup, apply
+    from ftune.models.load import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
+        if cfg.method.name == "qlora":  # the same adapter as LoRA; the 4-bit base is counted in weights
+            from ftune.config.schema import SCHEMAS
+
+            fields = {f.name for f in dataclasses.fields(SCHEMAS["method"]["lora"])}
+            lora = SCHEMAS["method"]["lora"](**{k: v for k, v in vars(cfg.method).items() if k in fields and k != "name"})
+            meta_cfg = dataclasses.replace(meta_cfg, method=lora)
+        model = apply(model, meta_cfg, Setup(total_steps=1, model_path=str(cfg.model.path)))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass
+class Estimate:
+    """Peak memory per device, by part (bytes), and what the device has."""
+
+    parts: dict[str, float]
+    device: str
+    processes: int
+    available: float
+    cpu_offloaded: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.available <= 0 or self.total <= self.available
+
+
+def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None) -> Estimate:
+    from ftune.config.checks import world_size
+    from ftune.models.load import weight_dtype
+
+    shape = shape or model_shape(cfg)
+    trainable = trainable_params(cfg, shape) if trainable is None else trainable
+    hw, tr, ds = cfg.hardware, cfg.train, cfg.dataset
+    cuda = hw.device == "cuda" or (hw.device == "auto" and _cuda())
+    world = world_size(cfg)
+    full = cfg.method.name in ("full",)
+    frozen = 0 if full else shape.total_params
+    wbytes = DTYPE_BYTES.get(str(weight_dtype(cfg)).removeprefix("torch."), 4)
+    quant = cfg.model.quantization
+    if quant == "4bit" and not full:
+        weights = shape.linear_params * 0.5625 + (frozen - shape.linear_params) * wbytes
+    elif quant == "8bit" and not full:
+        weights = shape.linear_params * 1.0 + (frozen - shape.linear_params) * wbytes
+    else:
+        weights = frozen * wbytes
+    master = trainable * 4
+    grads = trainable * 4
+    optim = trainable * (2 if tr.optim in ("adamw_8bit", "paged_adamw_8bit") else 8)
+    # Sharding of the model state.
+    offloaded = 0.0
+    if hw.strategy == "fsdp" and world > 1:
+        weights, master, grads, optim = weights / world, master / world, grads / world, optim / world
+        if hw.cpu_offload:
+            offloaded = weights + master + grads + optim
+            weights = master = grads = optim = 0.0
+    elif hw.strategy == "deepspeed" and world > 1:
+        grads, optim = grads / world, optim / world
+        if hw.zero_stage == 3:
+            weights, master = weights / world, master / world
+        if hw.offload_optimizer:
+            offloaded += optim
+            optim = 0.0
+        if hw.offload_params:
+            offloaded += weights + master
+            weights = master = 0.0
+    # Activations and logits of one micro-batch (gradient accumulation frees them between).
+    tokens = tr.micro_batch_size * ds.max_seq_len
+    abytes = 2 if hw.precision in ("bf16", "fp16") else 4
+    per_token_layer = 6 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate
+    attn = _attention(cfg, cuda)
+    if attn == "eager":
+        per_token_layer += 2 * shape.heads * ds.max_seq_len
+    if tr.gradient_checkpointing:
+        acts = tokens * abytes * (shape.layers * shape.hidden + per_token_layer)
+    else:
+        acts = tokens * abytes * shape.layers * per_token_layer
+    logits = tokens * shape.vocab * (abytes + 4 + 4)
+    runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
+    parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
+             "activations": acts, "logits": logits, "runtime": runtime}
+    available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
+    est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
+    est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
+                     f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
+    return est
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _attention(cfg: Any, cuda: bool) -> str:
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    if cfg.hardware.attn_implementation != "auto":
+        return cfg.hardware.attn_implementation
+    return "sdpa"
+
+
+def _device_memory(cuda: bool, processes_sharing: int) -> float:
+    """Memory one process may use: the GPU's total, or the machine's available RAM split among the
+    processes on it (0 when unknown: the check then passes)."""
+    if cuda:
+        import torch
+
+        return float(torch.cuda.mem_get_info(0)[1]) if torch.cuda.is_available() else 0.0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / max(1, processes_sharing)
+    except OSError:
+        pass
+    return 0.0
+
+
+def knobs(cfg: Any, shape: Shape) -> list[str]:
+    """Overrides that would make the run fit, each with its estimate (tried one at a time)."""
+    import copy
+
+    from ftune.config.checks import world_size
+
+    def change(label: str, **settings: Any) -> None:
+        other = copy.deepcopy(cfg)
+        for dotted, value in settings.items():
+            group, key = dotted.split("__")
+            setattr(getattr(other, group), key, value)
+        tries.append((label, other))
+
+    tries: list[tuple[str, Any]] = []
+    tr, hw = cfg.train, cfg.hardware
+    if not tr.gradient_checkpointing:
+        change("train.gradient_checkpointing=true", train__gradient_checkpointing=True)
+    if tr.micro_batch_size > 1:
+        mbs = max(1, tr.micro_batch_size // 2)
+        change(f"train.micro_batch_size={mbs} train.grad_accum={tr.grad_accum * 2}", train__micro_batch_size=mbs)
+    if cfg.method.name == "lora" and cfg.model.quantization == "none":
+        change("method=qlora (4-bit base)", model__quantization="4bit")
+    if tr.optim == "adamw" and hw.device != "cpu":
+        change("train.optim=adamw_8bit", train__optim="adamw_8bit")
+    if cfg.dataset.max_seq_len > 512:
+        change(f"dataset.max_seq_len={cfg.dataset.max_seq_len // 2}", dataset__max_seq_len=cfg.dataset.max_seq_len // 2)
+    if world_size(cfg) > 1 and hw.strategy != "fsdp":
+        change("hardware=fsdp", hardware__strategy="fsdp", hardware__zero_stage=0)
+    if world_size(cfg) > 1:
+        change("hardware=deepspeed-zero3-offload", hardware__strategy="deepspeed", hardware__zero_stage=3,
+               hardware__offload_optimizer=True, hardware__offload_params=True)
+    out = []
+    for label, other in tries:
+        e = estimate(other, shape, trainable_params(cfg, shape))
+        if e.fits:
+            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB")
+    return out
+
+
+def render(est: Estimate) -> str:
+    lines = [f"memory per {est.device} process ({est.processes} process{'es' if est.processes > 1 else ''}):"]
+    lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in est.parts.items()]
+    lines.append(f"  {'total':<18} {est.total / GIB:8.2f} GiB of {est.available / GIB:.1f} GiB available"
+                 if est.available else f"  {'total':<18} {est.total / GIB:8.2f} GiB (device memory unknown)")
+    if est.cpu_offloaded:
+        lines.append(f"  offloaded to CPU RAM: {est.cpu_offloaded / GIB:.2f} GiB")
+    lines += [f"  {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def preflight(cfg: Any, console: Any, force: bool) -> Estimate | None:
+    """Print the estimate; refuse when it does not fit (unless force). Skipped, with a note, when
+    the model's config cannot be read without loading it."""
+    if os.environ.get("FTUNE_NO_PREFLIGHT"):
+        return None
+    try:
+        shape = model_shape(cfg)
+        est = estimate(cfg, shape)
+    except FtuneError as exc:
+        console.print(f"[yellow]note:[/] memory preflight skipped: {exc.message}")
+        return None
+    if est.fits:
+        console.print(f"memory preflight: {est.total / GIB:.2f} GiB per process"
+                      + (f" of {est.available / GIB:.1f} GiB" if est.available else ""))
+        return est
+    if force:
+        console.print(f"[yellow]warning:[/] estimated {est.total / GIB:.1f} GiB per process, "
+                      f"{est.available / GIB:.1f} GiB available; going on (--force)")
+        return est
+    fixes = knobs(cfg, shape)
+    raise FtuneError(f"this run needs about {est.total / GIB:.1f} GiB per {est.device} process, "
+                     f"{est.available / GIB:.1f} GiB is available",
+                     render(est).splitlines()[1:] + ([f"would fit: {f}" for f in fixes] or ["no single change found"]),
+                     "Apply one of the changes above, or run anyway with --force (ftune plan … shows the estimate).")
