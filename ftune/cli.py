@@ -235,6 +235,22 @@ def key_values(items: list[str], keys: tuple[str, ...]) -> dict[str, str]:
 
 
 @app.command()
+def plan(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Estimate peak memory per device for the composed recipe (loads no model), and what would fit."""
+    from ftune.config.compose import compose
+    from ftune.plan import GIB, estimate, knobs, model_shape, render
+
+    cfg = compose(overrides or []).cfg
+    shape = model_shape(cfg)
+    est = estimate(cfg, shape)
+    console.print(render(est))
+    if not est.fits:
+        console.print(f"[red]does not fit[/]: {est.total / GIB:.1f} GiB > {est.available / GIB:.1f} GiB")
+        for fix in knobs(cfg, shape) or ["no single change found"]:
+            console.print(f"  would fit: {fix}")
+
+
+@app.command()
 def recipes() -> None:
     """List the shipped recipes, one line each."""
     from ftune.config.compose import DEFAULT_RECIPE, recipe_description, recipe_names

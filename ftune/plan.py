@@ -34,9 +34,11 @@ from typing import Any
 from ftune.errors import FtuneError
 
 GIB = 2 ** 30
-# Measured (docs/memory.md): RSS of a CPU training process before the model loads — Python, torch,
-# transformers, peft, accelerate and the tokenised data.
-CPU_RUNTIME = 0.75 * GIB
+# Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
+# activations and logits are negligible — Python, torch, transformers, peft, accelerate, data.
+CPU_RUNTIME = 0.53 * GIB
+# Bytes per attention score kept on CPU (fitted to measured peak RSS, docs/memory.md).
+CPU_SCORE_BYTES = 6
 # CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
 CUDA_RUNTIME = 0.8 * GIB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -210,21 +212,49 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None)
     abytes = 2 if hw.precision in ("bf16", "fp16") else 4
     per_token_layer = 6 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate
     attn = _attention(cfg, cuda)
-    if attn == "eager":
-        per_token_layer += 2 * shape.heads * ds.max_seq_len
+    layers_kept = 1 if tr.gradient_checkpointing else shape.layers
     if tr.gradient_checkpointing:
         acts = tokens * abytes * (shape.layers * shape.hidden + per_token_layer)
     else:
         acts = tokens * abytes * shape.layers * per_token_layer
+    # Attention score matrices: eager attention keeps scores and probabilities; so does SDPA on CPU
+    # when a mask is given (padding, packing), which takes the math path there. Measured on CPU:
+    # ~6 bytes per score (fp32 scores + bf16 probabilities; docs/memory.md).
+    scores = 0.0
+    if attn == "eager":
+        scores = tokens * shape.heads * ds.max_seq_len * 2 * abytes * layers_kept
+    elif not cuda:
+        scores = tokens * shape.heads * ds.max_seq_len * CPU_SCORE_BYTES * layers_kept
     logits = tokens * shape.vocab * (abytes + 4 + 4)
     runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
-             "activations": acts, "logits": logits, "runtime": runtime}
+             "activations": acts, "attention scores": scores, "logits": logits, "runtime": runtime}
+    if not cuda:
+        # A checkpoint converted while loading (fp32 file -> bf16 weights) stays in the process's
+        # peak resident memory (measured; docs/memory.md).
+        parts["loading"] = _conversion_bytes(cfg, wbytes, full)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
     est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
                      f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
     return est
+
+
+def _conversion_bytes(cfg: Any, wbytes: int, full: bool) -> float:
+    """Size of the checkpoint files when the weights are converted to a smaller dtype on load."""
+    from ftune.models.load import resolve_model_path
+    from ftune.models.runs import is_run_dir
+
+    if full or is_run_dir(cfg.model.path):
+        return 0.0
+    folder = Path(resolve_model_path(cfg.model))
+    if not folder.is_dir():
+        return 0.0
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    file_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    if DTYPE_BYTES.get(file_dtype, 4) <= wbytes:
+        return 0.0
+    return float(sum(f.stat().st_size for f in folder.glob("*.safetensors")))
 
 
 def _cuda() -> bool:
@@ -316,7 +346,7 @@ def preflight(cfg: Any, console: Any, force: bool) -> Estimate | None:
         shape = model_shape(cfg)
         est = estimate(cfg, shape)
     except FtuneError as exc:
-        console.print(f"[yellow]note:[/] memory preflight skipped: {exc.message}")
+        console.print(f"[yellow]note:[/] memory preflight skipped: {exc.title}")
         return None
     if est.fits:
         console.print(f"memory preflight: {est.total / GIB:.2f} GiB per process"

@@ -234,7 +234,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
-        "trainable_parameters": trainable, **method_results,
+        "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3), **method_results,
         **({"eval_metrics_before": state.eval_metrics_before, "eval_metrics_after": eval_metrics_after}
            if eval_metrics_after else {}),
     }
@@ -246,6 +246,15 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report_summary(console, summary)
     return summary
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak: allocated CUDA memory on a GPU, resident set size (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _fmt(metrics: dict) -> str:

@@ -1,0 +1,77 @@
+"""Calibrate the memory preflight (ftune/plan.py) against measured peak memory on CPU.
+
+    python scripts/memory_calibration.py        # ~5 minutes; writes docs/memory_calibration.json
+
+Each configuration trains 3 steps in a fresh process (`ftune train … --force`); the process's peak
+resident set size (summary.json peak_memory_gib, from getrusage) is compared with `ftune plan`'s
+estimate for the same overrides. The tiny model (2 layers, hidden 64) shows the runtime floor;
+the default model (SmolLM2-135M) the weights, optimiser, activation and logit terms.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+QUICK = ["train.max_steps=3", "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
+         "dataset.eval_max_rows=8", "train.tensorboard=false"]
+CONFIGS = {
+    "tiny lora": ["{tiny}", "model.name=tiny"],
+    "default lora (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256"],
+    "default lora + gradient checkpointing": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
+                                              "train.gradient_checkpointing=true"],
+    "default lora (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512"],
+    "default full fine-tune (mbs 4, seq 256)": ["method=full", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
+    "default qlora (mbs 4, seq 256)": ["method=qlora", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
+    # Not used to fit CPU_RUNTIME / CPU_SCORE_BYTES (held out):
+    "held out: default lora (mbs 2, seq 1024)": ["train.micro_batch_size=2", "dataset.max_seq_len=1024"],
+    "held out: default full + checkpointing (mbs 8, seq 256)": ["method=full", "train.micro_batch_size=8",
+                                                               "dataset.max_seq_len=256", "train.gradient_checkpointing=true"],
+}
+
+
+def tiny_model(folder: Path) -> Path:
+    import torch
+    from conftest import make_tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tiny_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    from ftune.config.compose import compose
+    from ftune.plan import GIB, estimate
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = tiny_model(Path(tmp) / "tiny")
+        for name, extra in CONFIGS.items():
+            overrides = [e.replace("{tiny}", f"model.path={tiny}") for e in extra] + QUICK
+            est = estimate(compose(overrides).cfg)
+            out = Path(tmp) / "runs"
+            run = ["train", *overrides, f"train.output_dir={out}", f"train.run_name=r{len(rows)}", "--force"]
+            subprocess.run([sys.executable, "-m", "ftune.cli", *run], check=True, cwd=ROOT, capture_output=True)
+            measured = json.loads((out / f"r{len(rows)}" / "summary.json").read_text())["peak_memory_gib"]
+            rows.append({"config": name, "estimate_gib": round(est.total / GIB, 3), "measured_gib": round(measured, 3),
+                         "error": round(est.total / GIB / measured - 1, 3),
+                         "parts_gib": {k: round(v / GIB, 3) for k, v in est.parts.items()}})
+            print(f"{name:<42} estimate {est.total / GIB:6.2f} GiB  measured {measured:6.2f} GiB  "
+                  f"error {100 * rows[-1]['error']:+.0f}%", flush=True)
+    (ROOT / "docs" / "memory_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
