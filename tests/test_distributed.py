@@ -129,3 +129,15 @@ def test_print_launch_shows_the_torchrun_command(tiny_overrides, tmp_path):
     line = result.stdout.strip()
     assert "torch.distributed.run" in line and "--nproc-per-node=2" in line and "hardware=cpu-fsdp" in line
     assert not (tmp_path / "outputs").exists()  # printing launches nothing
+
+
+def test_profile_attention_setting_reaches_the_model(tiny_overrides):
+    import torch
+
+    from ftune.models.load import load
+
+    cfg = compose([*tiny_overrides, "hardware.attn_implementation=eager"]).cfg
+    model, _ = load(cfg, torch.device("cpu"))
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(FtuneError, match="liger=true needs CUDA"):
+        compose(["hardware.liger=true"])

@@ -82,9 +82,13 @@ def pick_device(cfg: FtuneConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def attention_impl(cfg: ModelConfig, device: torch.device) -> str:
+def attention_impl(cfg: ModelConfig, device: torch.device, hardware: Any = None) -> str:
+    """The model's setting, else the hardware profile's, else flash-attention 2 on CUDA when
+    installed, else SDPA."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
+    if hardware is not None and hardware.attn_implementation != "auto":
+        return hardware.attn_implementation
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -141,12 +145,26 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
         tokenizer = load_tokenizer(path, cfg.model)
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=cfg.model.revision, dtype=weight_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code,
-            attn_implementation=attention_impl(cfg.model, device), quantization_config=quant,
+            attn_implementation=attention_impl(cfg.model, device, cfg.hardware), quantization_config=quant,
             device_map={"": _device_map_target(device)} if quant is not None else None)
     except OSError as exc:
         raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [str(exc).splitlines()[0][:300]],
                          "Give a local folder or .gguf file, or a hub id that is cached or reachable.") from None
     if quant is None:
         model.to(device)
+    if cfg.hardware.liger:
+        apply_liger(model, device)
     model.config.use_cache = False  # training never reuses the KV cache
     return model, tokenizer
+
+
+def apply_liger(model: Any, device: torch.device) -> None:
+    """Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on this model."""
+    if device.type != "cuda":
+        raise FtuneError("hardware.liger=true needs a CUDA GPU (Liger kernels are Triton kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise FtuneError("hardware.liger=true, but liger-kernel is not installed",
+                         hint="pip install liger-kernel, or set hardware.liger=false") from None
+    _apply_liger_kernel_to_instance(model=model)
