@@ -34,7 +34,12 @@ def main() -> None:
         ftune("train", "recipe=smollm2-lora-sft", "train.max_steps=30", "train.run_name=sft", *common)
     if not (OUT / "rm" / "summary.json").is_file():
         ftune("train", "recipe=smollm2-rm", f"model.path={OUT / 'sft'}", "train.run_name=rm", *common)
-    t_eval = ftune("eval", f"run={OUT / 'sft'}", "tasks=smol-mc,smol-qa", "n=16", "max_new_tokens=64")
+    times_file = OUT / "timings.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    if not (OUT / "sft" / "eval" / "report.json").is_file() or "eval" not in times:
+        times["eval"] = ftune("eval", f"run={OUT / 'sft'}", "tasks=smol-mc,smol-qa", "n=16", "max_new_tokens=64")
+        times_file.write_text(json.dumps(times))
+    t_eval = times["eval"]
     if not (OUT / "merged" / "config.json").is_file():
         ftune("merge", f"run={OUT / 'sft'}", f"out={OUT / 'merged'}", "--overwrite")
     from ftune.models.load import resolve_model_path

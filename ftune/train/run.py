@@ -226,7 +226,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     saved_to = run_dir / output_name(cfg.method.name)
     if main:
         saved_to = save_trained(trained, tokenizer, cfg.method, base_path, saved_to, state_dict)
-        if head_state is not None:  # the reward head (rm) or value head (ppo) beside the adapter
+        if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter
             save_head(unwrapped.head, saved_to, kind="reward" if cfg.stage.name == "rm" else "value", state=head_state)
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
