@@ -55,7 +55,9 @@ def train(overrides: Optional[List[str]] = OVERRIDES,
         sys.exit(distributed.relaunch(cmd, env))
     from ftune.train.run import train as run_train
 
-    run_train(composed, console)
+    result = run_train(composed, console)
+    if result.get("signal"):  # stopped on SIGINT/SIGTERM after writing a checkpoint
+        sys.exit(130 if result["signal"] == "SIGINT" else 143)
 
 
 @app.command()

@@ -318,6 +318,7 @@ def _check_ppo(cfg: FtuneConfig, problems: list[str]) -> None:
 
 def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:
     t = cfg.train
+    _choice(problems, "train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
     _positive(problems, "train.lr", t.lr)
     _positive(problems, "train.micro_batch_size", t.micro_batch_size)
     _positive(problems, "train.grad_accum", t.grad_accum)

@@ -310,6 +310,9 @@ class TrainConfig:
     """Warmup as a fraction of the total steps (used when warmup_steps is 0)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/inf: stop (with the step and rows reported; the last
+    checkpoint stays the newest) or skip (no update, counted and reported at the end)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     eval_every: int = 0

@@ -22,6 +22,7 @@ from ftune.errors import FtuneError
 
 PREFIX = "step-"
 STATE = "state.json"
+CHECKSUMS = "sha256"
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -41,6 +42,41 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pause_for_tests() -> None:
+    """FTUNE_CHECKPOINT_DELAY=<seconds>: pause halfway through each checkpoint write, so the
+    kill/resume harness (scripts/kill_resume.py) can kill inside writes."""
+    delay = float(os.environ.get("FTUNE_CHECKPOINT_DELAY", "0") or 0)
+    if delay > 0:
+        import time
+
+        time.sleep(delay)
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when the checkpoint's files match the checksums in its state.json, else what is wrong."""
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable {STATE} ({type(exc).__name__})"
+    for name, expected in state.get(CHECKSUMS, {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,11 +101,20 @@ def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
     tmp = ckpt_root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) * 4  # tensors + AdamW moments, with slack
+    free = shutil.disk_usage(ckpt_root).free
+    if free < need:
+        raise FtuneError(f"checkpoint of step {step}: {free / 2**20:.0f} MiB free on {ckpt_root}, about "
+                         f"{need / 2**20:.0f} MiB needed", hint="Free disk space, or point train.output_dir elsewhere, "
+                         "then resume with train.resume=true (earlier checkpoints are intact).")
     save_file(tensors, str(tmp / "trainable.safetensors"))
+    _pause_for_tests()
     torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / "train_state.pt")
-    # state.json is written last: its presence marks the folder complete.
-    (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
+    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    # state.json is written last: its presence marks the folder complete; its checksums catch a
+    # file damaged after the write.
+    (tmp / STATE).write_text(json.dumps({"step": step, **extra, CHECKSUMS: sums}, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -90,15 +135,28 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
+SKIPPED: list[str] = []  # warnings of the last find(), printed by the trainer
+
+
 def find(path: Path) -> Path:
     """A checkpoint folder from a checkpoint path or a run directory (its newest checkpoint)."""
     if (path / STATE).is_file():
+        problem = verify(path)
+        if problem:
+            raise FtuneError(f"train.resume: checkpoint {path} is damaged: {problem}",
+                             hint="Resume from the run directory instead: the newest intact checkpoint is used.")
         return path
     found = complete_checkpoints(path / "checkpoints")
     if not found:
         raise FtuneError(f"train.resume: no complete checkpoint under {path}",
                          hint="Checkpoints are written every train.save_every steps; start without resume.")
-    return found[-1]
+    for ckpt in reversed(found):  # newest intact one; a damaged one is skipped with a warning
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        SKIPPED.append(f"checkpoint {ckpt.name} skipped: {problem}")
+    raise FtuneError(f"train.resume: every checkpoint under {path} is damaged", SKIPPED[-len(found):],
+                     "Start the run again without train.resume.")
 
 
 def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:

@@ -27,7 +27,7 @@ from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
 from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
-from ftune.train import checkpoint, distributed, objectives
+from ftune.train import checkpoint, distributed, objectives, stopping
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.heads import WithScalarHead, save_head, unwrap_head
@@ -135,6 +135,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         from accelerate.utils import broadcast_object_list
 
         run_dir, resume_from = broadcast_object_list([run_dir, resume_from], from_process=0)
+    for warning in checkpoint.SKIPPED:
+        console.print(f"[yellow]warning:[/] {warning}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(composed.to_yaml())
@@ -202,7 +204,14 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     unit = "packed rows" if cfg.dataset.packing else "samples"
     console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} {unit}")
     with progress_bar(console) as progress:
-        state = fit(parts, cfg.train, state, log, progress, stop_after=stop_after)
+        try:
+            state = fit(parts, cfg.train, state, log, progress, stop_after=stop_after)
+        except stopping.StopRequested as stop:
+            log.close()
+            command = resume_command(composed, run_dir)
+            console.print(f"[yellow]stopped on {stop.signal_name}[/] after step {stop.step}: checkpoint written.")
+            console.print(f"resume with: {command}", soft_wrap=True, markup=False, highlight=False)  # one line, copyable
+            return {"stopped_at": stop.step, "signal": stop.signal_name, "run_dir": str(run_dir), "resume": command}
     if state.step < steps:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
         save_checkpoint(parts, cfg.train, state)
         log.close()
@@ -234,6 +243,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
+        **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
         "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3), **method_results,
         **({"eval_metrics_before": state.eval_metrics_before, "eval_metrics_after": eval_metrics_after}
            if eval_metrics_after else {}),
@@ -246,6 +256,15 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _report_summary(console, summary)
     return summary
+
+
+def resume_command(composed: Composed, run_dir: Path) -> str:
+    """The command that continues this run from its newest checkpoint."""
+    import shlex
+
+    kept = [o for o in composed.overrides if not o.startswith(("train.resume=", "train.run_name=", "resume="))]
+    return " ".join(["ftune train", *map(shlex.quote, kept), f"train.run_name={shlex.quote(run_dir.name)}",
+                     "train.resume=true"])
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -18,7 +18,7 @@ import torch
 
 from ftune.config.schema import TrainConfig
 from ftune.methods import StepHooks
-from ftune.train import checkpoint, distributed
+from ftune.train import checkpoint, distributed, stopping
 from ftune.train.heads import WithScalarHead, unwrap_head
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives import Objective
@@ -148,6 +148,11 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
     clip = max_grad_norm if max_grad_norm > 0 else float("inf")
     norms = {name: distributed.grad_norm_value(accelerator.clip_grad_norm_(params, clip))
              for name, params in clip_groups(accelerator.unwrap_model(model)).items()}
+    if not all(math.isfinite(v) for v in (loss_total, *norms.values())):
+        # No update from a NaN/inf step: the caller stops or skips (train.on_nonfinite).
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_total / n_targets, **norms, "nonfinite": 1.0,
+                "tokens": int(sum(int(b["num_tokens"]) for b in batches)), "target_tokens": n_targets}
     optimizer.step()
     hooks.after_optimizer_step(inner, step)
     scheduler.step()
@@ -169,6 +174,8 @@ class FitState:
     eval_metrics_before: dict = field(default_factory=dict)
     objective_state: dict = field(default_factory=dict)
     """What an objective carries from step to step (PPO: the adaptive KL coefficient)."""
+    skipped_steps: list = field(default_factory=list)
+    """Steps skipped for a non-finite loss or gradient (train.on_nonfinite=skip)."""
 
 
 @dataclass
@@ -203,32 +210,66 @@ def fit(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, pr
     per_epoch = math.ceil(len(parts.train) / cfg.micro_batch_size)
     task = progress.add_task("train", total=steps, completed=state.step, loss=float("nan"), tps=0.0)
     parts.model.train()
-    while state.step < steps:
-        start = time.perf_counter()
-        micro_batches, source_metrics = source.batches(state.step)
-        batches = [to_device(b, parts.accelerator.device) for b in micro_batches]
-        metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
-                             parts.scheduler, cfg.max_grad_norm, parts.hooks, state.step)
-        elapsed = time.perf_counter() - start
-        state.step += 1
-        state.tokens += metrics["tokens"]
-        state.train_seconds += elapsed
-        record = {"step": state.step, **metrics, **source_metrics, "tokens_per_s": metrics["tokens"] / elapsed,
-                  "epoch": state.step * cfg.grad_accum / per_epoch}
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
-            state.last_eval, eval_metrics = evaluate_held_out(parts, cfg.micro_batch_size)
-            record["eval_loss"] = state.last_eval
-            record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-            progress.console.print(f"step {state.step}: held-out loss {state.last_eval:.4f}"
-                                   + "".join(f", {k} {v:.3f}" for k, v in eval_metrics.items()))
-        if state.step % cfg.log_every == 0 or "eval_loss" in record:
-            log.write(record)
-        progress.update(task, completed=state.step, loss=metrics["loss"], tps=state.tokens / state.train_seconds)
-        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
-            save_checkpoint(parts, cfg, state)
-        if stop_after is not None and state.step >= stop_after:
-            break
+    with stopping.on_signals() as signals:
+        while state.step < steps:
+            _one_step(parts, cfg, state, log, progress, task, source, steps, per_epoch)
+            if stop_after is not None and state.step >= stop_after:
+                break
+            if stopping.requested(signals, parts.accelerator):
+                save_checkpoint(parts, cfg, state)
+                raise stopping.StopRequested(state.step, signals["signal"])
     return state
+
+
+def _one_step(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsLog, progress: Any, task: Any,
+              source: Any, steps: int, per_epoch: int) -> None:
+    """One optimiser step with its logging, evaluation and checkpoint."""
+    start = time.perf_counter()
+    micro_batches, source_metrics = source.batches(state.step)
+    batches = [to_device(b, parts.accelerator.device) for b in micro_batches]
+    metrics = train_step(parts.model, parts.objective, batches, parts.accelerator, parts.optimizer,
+                         parts.scheduler, cfg.max_grad_norm, parts.hooks, state.step)
+    if metrics.pop("nonfinite", 0.0):
+        where = _rows_of(source, state.step, cfg)
+        if cfg.on_nonfinite == "stop":
+            from ftune.errors import FtuneError
+
+            raise FtuneError(f"step {state.step + 1}: the loss or gradient norm is not finite "
+                             f"(loss {metrics['loss']}, {', '.join(f'{k} {v}' for k, v in metrics.items() if 'norm' in k)})",
+                             [f"rows of this step: {where}"],
+                             "Lower train.lr, check those rows, or set train.on_nonfinite=skip; resume with "
+                             "train.resume=true from the last checkpoint.")
+        state.skipped_steps.append(state.step + 1)
+        progress.console.print(f"[yellow]warning:[/] step {state.step + 1} skipped: non-finite loss or gradient "
+                               f"(rows {where})")
+        metrics.update(lr=parts.scheduler.get_last_lr()[0])
+        parts.scheduler.step()
+    elapsed = time.perf_counter() - start
+    state.step += 1
+    state.tokens += metrics["tokens"]
+    state.train_seconds += elapsed
+    record = {"step": state.step, **metrics, **source_metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+              "epoch": state.step * cfg.grad_accum / per_epoch}
+    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
+        state.last_eval, eval_metrics = evaluate_held_out(parts, cfg.micro_batch_size)
+        record["eval_loss"] = state.last_eval
+        record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        progress.console.print(f"step {state.step}: held-out loss {state.last_eval:.4f}"
+                               + "".join(f", {k} {v:.3f}" for k, v in eval_metrics.items()))
+    if state.step % cfg.log_every == 0 or "eval_loss" in record:
+        log.write(record)
+    progress.update(task, completed=state.step, loss=metrics["loss"], tps=state.tokens / state.train_seconds)
+    if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+        save_checkpoint(parts, cfg, state)
+
+
+def _rows_of(source: Any, step: int, cfg: TrainConfig) -> str:
+    """The training rows (packed rows or samples, by index) of a step, for error messages."""
+    order = getattr(source, "order", None)
+    if order is None:
+        return "(generated rollouts)"
+    first = step * cfg.grad_accum
+    return ", ".join(str(i) for m in range(first, first + cfg.grad_accum) for i in order.micro(m))
 
 
 def save_checkpoint(parts: LoopParts, cfg: TrainConfig, state: FitState) -> Path | None:
