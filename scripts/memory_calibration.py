@@ -36,22 +36,9 @@ CONFIGS = {
 }
 
 
-def tiny_model(folder: Path) -> Path:
-    import torch
-    from conftest import make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = make_tiny_tokenizer(folder)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 def main() -> None:
+    from kill_resume import tiny_model  # the same tiny model as the kill/resume harness
+
     from ftune.config.compose import compose
     from ftune.plan import GIB, estimate
 
