@@ -239,13 +239,9 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
 
 def world_size(cfg: FtuneConfig) -> int:
     """Processes of the whole run (num_processes 0: one per visible GPU, at least one)."""
-    hw = cfg.hardware
-    per_node = hw.num_processes
-    if per_node == 0:
-        import torch
+    from ftune.train.distributed import processes_per_node
 
-        per_node = max(1, torch.cuda.device_count()) if hw.device != "cpu" else 1
-    return max(1, per_node) * max(1, hw.num_nodes)
+    return processes_per_node(cfg.hardware) * max(1, cfg.hardware.num_nodes)
 
 
 def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
