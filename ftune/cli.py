@@ -29,7 +29,9 @@ OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides, e.g. met
 def train(overrides: Optional[List[str]] = OVERRIDES,
           print_launch: bool = typer.Option(False, "--print-launch", help="Print the launch command (torchrun for "
                                             "several processes) and exit; for SLURM scripts."),
-          force: bool = typer.Option(False, "--force", help="Train even when the memory preflight says it will not fit.")
+          force: bool = typer.Option(False, "--force", help="Train even when the memory preflight says it will not fit."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of the same "
+                                         "train.run_name (same as train.overwrite=true).")
           ) -> None:
     """Train: compose the recipe, validate it, check memory, then run the trainer (relaunched under
     torchrun when the hardware profile asks for several processes)."""
@@ -37,7 +39,8 @@ def train(overrides: Optional[List[str]] = OVERRIDES,
     from ftune.config.compose import compose
     from ftune.train import distributed
 
-    composed = compose(overrides or [])
+    overrides = [*(overrides or []), *(["train.overwrite=true"] if overwrite else [])]
+    composed = compose(overrides)
     cfg = composed.cfg
     several = world_size(cfg) > 1 and not distributed.in_launcher()
     if several or print_launch:
@@ -282,17 +285,35 @@ def data_preview(overrides: Optional[List[str]] = OVERRIDES,
 
 
 def main() -> None:
+    from ftune import safety
     from ftune.logs import quiet_libraries
 
+    # --debug anywhere on the line: show tracebacks (also of FtuneErrors) instead of short panels.
+    debug = "--debug" in sys.argv[1:] or os.environ.get("FTUNE_DEBUG") == "1"
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    if debug:
+        os.environ["FTUNE_DEBUG"] = "1"  # processes relaunched under torchrun inherit it
+    # Credentials from the environment never reach the screen or a log, whatever prints them.
+    sys.stdout, sys.stderr = safety.RedactingStream(sys.stdout), safety.RedactingStream(sys.stderr)
     quiet_libraries()
     try:
         app()
     except FtuneError as exc:
+        if debug:
+            raise
         Console(stderr=True).print(Panel(exc.render(), title="ftune: error", border_style="red", expand=False))
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # a bug or an input ftune does not check yet: short, with the way to more
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        Console(stderr=True).print(Panel(f"{type(exc).__name__}: {first}\nRun the same command with --debug for "
+                                         "the full traceback, and report it if the input looks right.",
+                                         title="ftune: unexpected error", border_style="red", expand=False))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

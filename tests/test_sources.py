@@ -232,7 +232,7 @@ def test_build_uses_cache_on_second_call(tmp_path, tiny_tokenizer, monkeypatch):
     cache_file = Path(first.stats["cache"])
     assert cache_file.is_file()
     assert cache_file.parent == resources.cache_dir() / "data"
-    assert cache_file.name == f"tiny-{cache_key(cfg, 'sft', 42, tiny_tokenizer)}.pt"
+    assert cache_file.name == f"tiny-{cache_key(cfg, 'sft', 42, tiny_tokenizer)}.json"
 
     # The second build must not read or tokenise anything.
     def boom(*a, **k):

@@ -38,7 +38,11 @@ class ModelConfig:
     """auto | sdpa | eager | flash_attention_2. auto: flash_attention_2 on CUDA when flash-attn is
     installed, else sdpa."""
     trust_remote_code: bool = False
-    """Run modelling code shipped with a hub model. Off: only code in transformers runs."""
+    """Run modelling code shipped with a hub model. Off: only code in transformers runs. On: ftune
+    says so each time it loads the model."""
+    allow_pickle: bool = False
+    """Read pickle-based files (pytorch_model.bin, adapter_model.bin, *.pt, checkpoints of older
+    ftune versions). Pickle can run code when loaded; off, only safetensors are read."""
     quantization: str = "none"
     """none | 4bit | 8bit: load the frozen base through bitsandbytes. method=qlora sets 4bit."""
     bnb_4bit_quant_type: str = "nf4"
@@ -329,6 +333,9 @@ class TrainConfig:
     """Parent folder of run directories."""
     run_name: Optional[str] = None
     """Run directory name; unset: <recipe>-<date>-<time>. Needed to resume with resume=true."""
+    overwrite: bool = False
+    """Replace an existing run directory of the same name (`ftune train --overwrite`). Off: a fresh
+    run never writes into an existing run directory; resume it or pick another run_name."""
     sample_max_new_tokens: int = 48
     """Tokens generated for the sample answer after training (0: no sample)."""
     tensorboard: bool = True

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ftune import resources
 from ftune.config.schema import DatasetConfig, SourceConfig
@@ -26,7 +25,7 @@ from ftune.data.packing import pack
 from ftune.data.tokenize import TokenStats, tokenize_all
 from ftune.errors import FtuneError
 
-CACHE_VERSION = "1"  # bump when tokenisation output changes for the same inputs
+CACHE_VERSION = "2"  # bump when tokenisation output changes for the same inputs
 
 
 @dataclass
@@ -182,16 +181,16 @@ def tokenize_prompts(records: list[dict], template: Any, cfg: DatasetConfig, tok
 def _save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    tmp.write_text(json.dumps(obj))  # JSON, not pickle: the cache folder is not trusted code
     os.replace(tmp, path)
 
 
 def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True) -> DataBundle:
     """Tokenised samples for training and evaluation (from the cache when nothing changed)."""
     key = cache_key(cfg, stage, seed, tokenizer)
-    path = resources.cache_dir() / "data" / f"{cfg.name}-{key}.pt"
+    path = resources.cache_dir() / "data" / f"{cfg.name}-{key}.json"
     if use_cache and path.is_file():
-        cached = torch.load(path, weights_only=False)
+        cached = json.loads(path.read_text())
         cached["stats"]["from_cache"] = str(path)
         return DataBundle(**cached)
     train_records, eval_records = split_records(cfg, seed)

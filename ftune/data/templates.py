@@ -90,6 +90,23 @@ def render_named(template: Template, messages: list[dict], tokenizer: Any) -> li
     return [s for s in segments if s.text]
 
 
+def apply_chat_template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> str:
+    """The tokenizer's own Jinja chat template. transformers renders it in Jinja's immutable
+    sandbox, so a template cannot reach Python internals; a refused or broken template becomes an
+    FtuneError instead of a traceback."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.exceptions.SecurityError as exc:
+        raise FtuneError("the tokenizer's chat template tried an operation the Jinja sandbox forbids",
+                         [str(exc)[:200]], "Use a named template instead, e.g. dataset.template=chatml.") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise FtuneError(f"the tokenizer's chat template failed to render: {type(exc).__name__}: {str(exc)[:200]}",
+                         hint="Fix tokenizer_config.json's chat_template, or use a named template "
+                              "(dataset.template=chatml).") from None
+
+
 def render_model(messages: list[dict], tokenizer: Any) -> list[Segment]:
     if not getattr(tokenizer, "chat_template", None):
         raise FtuneError("dataset.template=model, but the tokenizer has no chat template",
@@ -97,10 +114,10 @@ def render_model(messages: list[dict], tokenizer: Any) -> list[Segment]:
     segments, done, turn = [], "", 0
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            prompt = apply_chat_template(tokenizer, messages[:i], tokenize=False, add_generation_prompt=True)
             _append(segments, done, prompt, False, turn)
             done = prompt
-        text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        text = apply_chat_template(tokenizer, messages[: i + 1], tokenize=False)
         is_answer = message["role"] == "assistant"
         _append(segments, done, text, is_answer, turn)
         done = text
@@ -128,7 +145,7 @@ def render(record: dict, template: Template | None, tokenizer: Any) -> list[Segm
 def render_prompt(messages: list[dict], template: Template | None, tokenizer: Any) -> str:
     """The text a model continues to answer `messages` (which end with a user turn)."""
     if template is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=True)
     return "".join(s.text for s in render_named(template, messages, tokenizer))
 
 

@@ -98,7 +98,7 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[s
 
     The groups are only kept for 4-bit QA-LoRA, the one case a GGUF type (q4_1) holds them exactly."""
     from ftune.methods.merge import merge
-    from ftune.methods.saving import FULL_MODEL_METHODS, load_trained
+    from ftune.methods.saving import FULL_MODEL_METHODS, attach_trained
     from ftune.models.load import load
     from ftune.models.runs import run_config, trained_folder
 
@@ -111,12 +111,7 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[s
     # QLoRA/8-bit bases: back to dense float32 before the adapter is folded in.
     dequantize_linears(model, torch.float32)
     if saved.method.name not in FULL_MODEL_METHODS:
-        if (folder / "ftune_adapter.json").is_file():
-            model = load_trained(model, folder)
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, folder)
+        model = attach_trained(model, folder, saved.model.allow_pickle)
         model = merge(model, saved.method.name)
     groups: tuple[dict[str, torch.Tensor], int] = ({}, 0)
     if saved.method.name == "qalora" and saved.method.bits == 4:

@@ -56,6 +56,32 @@ def native_state(model: Any, method: Any, state_dict: dict | None = None) -> tup
     return state, method
 
 
+def attach_trained(base_model: Any, folder: Path, allow_pickle: bool = False, trainable: bool = False) -> Any:
+    """A saved adapter (ftune-native or peft) on a freshly loaded base model. A damaged or
+    incomplete folder is an FtuneError naming it, not a library traceback."""
+    from ftune import safety
+
+    folder = Path(folder)
+    safety.refuse_pickle(folder, f"adapter {folder}", allow_pickle)
+    native = (folder / "ftune_adapter.json").is_file()
+    if not native and not (folder / "adapter_config.json").is_file():
+        raise FtuneError(f"{folder}: no adapter here (neither ftune_adapter.json nor adapter_config.json)",
+                         hint="The run did not finish saving; resume it (train.resume=true) or train it again.")
+    try:
+        if native:
+            return load_trained(base_model, folder)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)
+    except FtuneError:
+        raise
+    except Exception as exc:  # safetensors/json/peft errors all mean the folder is damaged
+        raise FtuneError(f"{folder}: the saved adapter could not be read ({type(exc).__name__})",
+                         [str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__],
+                         "The folder is damaged or incomplete; resume the run (train.resume=true) or train it "
+                         "again.") from None
+
+
 def load_trained(base_model: Any, folder: Path) -> Any:
     """Apply an ftune-native adapter folder to a freshly loaded base model."""
     meta = json.loads((Path(folder) / "ftune_adapter.json").read_text())

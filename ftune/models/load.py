@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ftune import resources
+from ftune import resources, safety
 from ftune.config.schema import FtuneConfig, ModelConfig
 from ftune.errors import FtuneError
 
@@ -118,6 +118,10 @@ def quantization_config(cfg: FtuneConfig) -> Any:
 def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    if cfg.trust_remote_code:
+        from rich.console import Console
+
+        safety.note_remote_code(Console(stderr=True), path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS is safe
@@ -141,12 +145,14 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
         model.config.use_cache = False
         return model, tokenizer
     quant = quantization_config(cfg)
+    safety.refuse_pickle(Path(path), "model.path", cfg.model.allow_pickle)
     try:
         tokenizer = load_tokenizer(path, cfg.model)
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=cfg.model.revision, dtype=weight_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code,
             attn_implementation=attention_impl(cfg.model, device, cfg.hardware), quantization_config=quant,
-            device_map={"": _device_map_target(device)} if quant is not None else None)
+            device_map={"": _device_map_target(device)} if quant is not None else None,
+            use_safetensors=None if cfg.model.allow_pickle else True)
     except OSError as exc:
         raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [str(exc).splitlines()[0][:300]],
                          "Give a local folder or .gguf file, or a hub id that is cached or reachable.") from None

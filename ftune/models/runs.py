@@ -52,7 +52,7 @@ def load_run(run_dir: Path, device: torch.device, current: FtuneConfig | None = 
     weight dtype (a full fine-tune on top keeps fp32 master weights). merge=True folds the
     method into the weights, giving a plain model to train on."""
     from ftune.methods.merge import merge as merge_method
-    from ftune.methods.saving import FULL_MODEL_METHODS, load_trained
+    from ftune.methods.saving import FULL_MODEL_METHODS, attach_trained
     from ftune.models.load import load, weight_dtype
 
     run_dir = Path(run_dir)
@@ -64,12 +64,7 @@ def load_run(run_dir: Path, device: torch.device, current: FtuneConfig | None = 
         model_cfg = dataclasses.replace(model_cfg, path=str(folder))
     model, tokenizer = load(dataclasses.replace(loader, model=model_cfg), device)
     if saved.method.name not in FULL_MODEL_METHODS:
-        if (folder / "ftune_adapter.json").is_file():
-            model = load_trained(model, folder)
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+        model = attach_trained(model, folder, loader.model.allow_pickle)
         if merge:
             model = merge_method(model, saved.method.name)
             model.name_or_path = str(run_dir)

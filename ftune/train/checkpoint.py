@@ -18,11 +18,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftune import safety
 from ftune.errors import FtuneError
+from ftune.train import state_io
 
 PREFIX = "step-"
 STATE = "state.json"
 CHECKSUMS = "sha256"
+TRAIN_STATE = "train_state"  # optimiser, scheduler and RNG states (state_io: safetensors + JSON)
 
 
 def rng_state() -> dict:
@@ -105,8 +108,7 @@ def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
                          "then resume with train.resume=true (earlier checkpoints are intact).")
     save_file(tensors, str(tmp / "trainable.safetensors"))
     _pause_for_tests()
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "train_state.pt")
+    state_io.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp, TRAIN_STATE)
     sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
     # state.json is written last: its presence marks the folder complete; its checksums catch a
     # file damaged after the write.
@@ -155,7 +157,18 @@ def find(path: Path) -> Path:
                      "Start the run again without train.resume.")
 
 
-def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+def _train_state(ckpt: Path, allow_pickle: bool) -> dict:
+    if state_io.exists(ckpt, TRAIN_STATE):
+        return state_io.load(ckpt, TRAIN_STATE)
+    legacy = ckpt / "train_state.pt"  # checkpoints of earlier ftune versions kept this state as pickle
+    if legacy.is_file() and allow_pickle:
+        return torch.load(legacy, weights_only=False)
+    raise FtuneError(f"train.resume: {ckpt} has no {TRAIN_STATE}.safetensors/.json"
+                     + (f" (only the pickle file {legacy.name})" if legacy.is_file() else ""),
+                     hint=safety.ALLOW_PICKLE_HINT if legacy.is_file() else "Resume from a complete checkpoint.")
+
+
+def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, allow_pickle: bool = False) -> dict:
     """Restore parameters, optimiser, scheduler and RNG; returns the saved state.json."""
     from ftune.train import distributed
 
@@ -166,7 +179,7 @@ def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
         raise FtuneError(f"train.resume: checkpoint {ckpt} does not match this model/method",
                          [f"unknown parameter {unknown[0]} (+{len(unknown) - 1} more)"],
                          "Resume with the same recipe and overrides that wrote the checkpoint.")
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state = _train_state(ckpt, allow_pickle)
     distributed.load_full_state(model, optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

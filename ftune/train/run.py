@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ftune import safety
 from ftune.config.compose import Composed
 from ftune.config.schema import FtuneConfig
 from ftune.data import templates
@@ -48,13 +51,63 @@ def resolve_run_dir(cfg: FtuneConfig) -> tuple[Path, Path | None]:
     """(run directory, checkpoint to resume from or None)."""
     resume = cfg.train.resume
     if resume.lower() in ("false", "no", "0", ""):
-        name = cfg.train.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return Path(cfg.train.output_dir) / name, None
+        return fresh_run_dir(cfg), None
     base = Path(cfg.train.output_dir) / cfg.train.run_name if resume.lower() == "true" else Path(resume)
     if not base.exists():
         raise FtuneError(f"train.resume: {base} does not exist", hint="Give the run directory of an earlier run.")
     ckpt = checkpoint.find(base)
+    same_recipe(cfg, ckpt.parent.parent)
     return ckpt.parent.parent, ckpt
+
+
+def fresh_run_dir(cfg: FtuneConfig) -> Path:
+    """A new run's directory. An existing one is never written into unless train.overwrite
+    (then it is emptied first); an automatic name that collides gets a -2, -3 ... suffix."""
+    root = Path(cfg.train.output_dir)
+    if not cfg.train.run_name:
+        name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, n = root / name, 1
+        while path.exists():
+            n += 1
+            path = root / f"{name}-{n}"
+        return path
+    path = root / cfg.train.run_name
+    if path.exists() and any(path.iterdir()):
+        if not cfg.train.overwrite:
+            raise FtuneError(f"train.run_name={cfg.train.run_name}: {path} already holds a run",
+                             hint="Resume it with train.resume=true, pick another train.run_name, or replace it "
+                                  "with `ftune train --overwrite ...`.")
+        if distributed.is_main():
+            shutil.rmtree(path)
+    return path
+
+
+# What must match for a checkpoint to continue under the current config.
+RESUME_KEYS = ("model.path", "method.name", "stage.name")
+
+
+def same_recipe(cfg: FtuneConfig, run_dir: Path) -> None:
+    """Refuse to resume a run directory written by another recipe (other model, method or stage)."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise FtuneError(f"train.resume: {saved_file} is not readable YAML",
+                         hint="Restore the run's config.yaml, or start a new run.") from None
+    current = OmegaConf.to_container(OmegaConf.structured(cfg))
+    differ = []
+    for key in RESUME_KEYS:
+        group, field_name = key.split(".")
+        was, now = (saved.get(group) or {}).get(field_name), current[group][field_name]
+        if was is not None and was != now:
+            differ.append(f"{key}: the run has {was}, this command {now}")
+    if differ:
+        raise FtuneError(f"train.resume: {run_dir} was written by another recipe", differ,
+                         f"Resume with the run's own command (see {run_dir / 'command.txt'}), or start a new run.")
 
 
 def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
@@ -130,7 +183,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     accelerator = make_accelerator(cfg, device)
     device = accelerator.device  # several GPUs: this process's own
     # The run directory first: everything after writes into it. Every process uses rank 0's.
-    run_dir, resume_from = resolve_run_dir(cfg)
+    # Rank 0 alone decides (and may empty an existing directory with train.overwrite).
+    run_dir, resume_from = resolve_run_dir(cfg) if main else (None, None)
     if distributed.world() > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -139,8 +193,9 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         console.print(f"[yellow]warning:[/] {warning}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(composed.to_yaml())
-        (run_dir / "command.txt").write_text("ftune train " + " ".join(composed.overrides) + "\n")
+        # Secrets from the environment (e.g. via ${oc.env:...}) are never written to the run directory.
+        (run_dir / "config.yaml").write_text(safety.redact(composed.to_yaml()))
+        (run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(composed.overrides)) + "\n")
     console.print(f"[bold]ftune train[/] recipe={cfg.recipe}  model={cfg.model.name}  method={cfg.method.name}  "
                   f"stage={cfg.stage.name}  device={device.type}  precision={cfg.hardware.precision}")
     console.print(f"run directory: {run_dir}")
@@ -191,7 +246,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
     state = FitState()
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        saved = checkpoint.load(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                cfg.model.allow_pickle)
         state = FitState(**{k: saved[k] for k in vars(state) if k in saved})
         console.print(f"resumed from {resume_from} at step {state.step}")
     else:
@@ -262,7 +318,8 @@ def resume_command(composed: Composed, run_dir: Path) -> str:
     """The command that continues this run from its newest checkpoint."""
     import shlex
 
-    kept = [o for o in composed.overrides if not o.startswith(("train.resume=", "train.run_name=", "resume="))]
+    kept = [o for o in composed.overrides
+            if not o.startswith(("train.resume=", "train.run_name=", "resume=", "train.overwrite="))]
     return " ".join(["ftune train", *map(shlex.quote, kept), f"train.run_name={shlex.quote(run_dir.name)}",
                      "train.resume=true"])
 
