@@ -37,5 +37,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real"
 
+# ftune vs transformers + peft + trl's SFTTrainer on the default workload (~10 min on 2 CPU cores):
+# bench/results.md and bench/results.json. Extra flags: make bench BENCH_ARGS="--steps 20 --rounds 3"
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf outputs .pytest_cache

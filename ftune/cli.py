@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ftune.errors import FtuneError
 
@@ -294,14 +295,15 @@ def main() -> None:
     if debug:
         os.environ["FTUNE_DEBUG"] = "1"  # processes relaunched under torchrun inherit it
     # Credentials from the environment never reach the screen or a log, whatever prints them.
-    sys.stdout, sys.stderr = safety.RedactingStream(sys.stdout), safety.RedactingStream(sys.stderr)
+    safety.install()
     quiet_libraries()
     try:
         app()
     except FtuneError as exc:
         if debug:
             raise
-        Console(stderr=True).print(Panel(exc.render(), title="ftune: error", border_style="red", expand=False))
+        # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
+        Console(stderr=True).print(Panel(Text(safety.redact(exc.render())), title="ftune: error", border_style="red", expand=False))
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
@@ -309,9 +311,9 @@ def main() -> None:
     except Exception as exc:  # a bug or an input ftune does not check yet: short, with the way to more
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        Console(stderr=True).print(Panel(f"{type(exc).__name__}: {first}\nRun the same command with --debug for "
-                                         "the full traceback, and report it if the input looks right.",
+        first = safety.redact(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "")
+        Console(stderr=True).print(Panel(Text(f"{type(exc).__name__}: {first}\nRun the same command with --debug "
+                                              "for the full traceback, and report it if the input looks right."),
                                          title="ftune: unexpected error", border_style="red", expand=False))
         sys.exit(1)
 

@@ -99,7 +99,10 @@ def model_shape(cfg: Any) -> Shape:
         return model_shape(run_config(Path(path)))
     resolved = Path(resolve_model_path(cfg.model))
     if (resolved / "config.json").is_file():
-        return shape_from_config(json.loads((resolved / "config.json").read_text()))
+        try:
+            return shape_from_config(json.loads((resolved / "config.json").read_text()))
+        except (KeyError, TypeError, ValueError) as exc:  # the loader reports a broken model properly
+            raise FtuneError(f"{resolved / 'config.json'} lacks the model's shape ({type(exc).__name__}: {exc})") from None
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(str(cfg.model.path), "config.json")  # never touches the network

@@ -51,6 +51,26 @@ class RedactingStream:
         return getattr(self._inner, name)
 
 
+def install() -> None:
+    """Redact secrets from everything the process prints: plain writes via the wrapped streams,
+    and rich's text before it is wrapped into lines (a secret split over two lines would slip
+    past a stream filter)."""
+    import sys
+
+    from rich.console import Console
+
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    if not getattr(Console.render_str, "_ftune_redacts", False):
+        original = Console.render_str
+
+        def render_str(self: Any, text: str, *args: Any, **kwargs: Any) -> Any:
+            return original(self, redact(text), *args, **kwargs)
+
+        render_str._ftune_redacts = True  # type: ignore[attr-defined]
+        Console.render_str = render_str  # type: ignore[method-assign]
+
+
 def pickle_files(folder: Path) -> list[Path]:
     """Pickle-based weight files in a folder that has no safetensors alternative."""
     if not folder.is_dir() or any(folder.glob("*.safetensors")):

@@ -127,11 +127,14 @@ def test_broken_json_file(tmp_path):
         sources.read_rows(str(path))
 
 
-@pytest.mark.parametrize("content", ['{"rows": []}', "[1, 2, 3]", '"text"', '{"data": [1]}'])
-def test_json_of_the_wrong_shape(tmp_path, content):
+@pytest.mark.parametrize("content,problem", [('{"rows": []}', "expected a list of JSON objects"),
+                                             ("[1, 2, 3]", "item 1: expected a JSON object, got int"),
+                                             ('"text"', "expected a list of JSON objects"),
+                                             ('{"data": [1]}', "item 1: expected a JSON object")])
+def test_json_of_the_wrong_shape(tmp_path, content, problem):
     path = tmp_path / "d.json"
     path.write_text(content)
-    with pytest.raises(FtuneError, match="expected a list of JSON objects"):
+    with pytest.raises(FtuneError, match=problem):
         sources.read_rows(str(path))
 
 

@@ -189,8 +189,13 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
             users = [stage for stage, fmts in STAGE_FORMATS.items() if src.format in fmts]
             problems.append(f"{key}.format={src.format} does not fit stage={cfg.stage.name}: it takes "
                             f"{' or '.join(f'format={a}' for a in allowed)}; format={src.format} is for {' or '.join(f'stage={u}' for u in users)}")
-    _choice(problems, "dataset.template", d.template, template_names())
+    if str(d.template).endswith((".yaml", ".yml")):  # a template file of the user's
+        if not Path(str(d.template)).expanduser().is_file():
+            problems.append(f"dataset.template: file {d.template} does not exist")
+    else:
+        _choice(problems, "dataset.template", d.template, template_names())
     _choice(problems, "dataset.train_on", d.train_on, TRAIN_ON)
+    _choice(problems, "dataset.on_bad_row", d.on_bad_row, ("fail", "skip"))
     if d.max_seq_len < 16:
         problems.append(f"dataset.max_seq_len must be >= 16 (got {d.max_seq_len})")
     if not 0 <= d.eval_fraction < 1:

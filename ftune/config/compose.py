@@ -8,6 +8,7 @@ list overrides group choices). Overrides typed by the user are applied after the
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ftune.config.checks import derive, validate
 from ftune.config.schema import SCHEMAS, FtuneConfig
 from ftune.errors import FtuneError
 from ftune.registry import unknown_name_error
+from ftune.yamlfile import read_mapping
 
 DEFAULT_RECIPE = "smollm2-lora-sft"
 GROUPS = ("model", "method", "dataset", "stage", "hardware")
@@ -86,9 +88,9 @@ def split_overrides(overrides: list[str]) -> tuple[str, list[str]]:
     return recipe, rest
 
 
-def _check_names(recipe: str, overrides: list[str]) -> None:
+def _check_names(recipe: str | None, overrides: list[str]) -> None:
     """Unknown recipe or group choices: list the valid names before Hydra sees them."""
-    if recipe not in recipe_names():
+    if recipe is not None and recipe not in recipe_names():
         raise unknown_name_error("recipe", recipe, recipe_names(), key="recipe")
     for item in overrides:
         key, _, value = item.partition("=")
@@ -96,7 +98,7 @@ def _check_names(recipe: str, overrides: list[str]) -> None:
             raise unknown_name_error(key, value, group_choices(key), key=key)
 
 
-def _hydra_error(exc: Exception) -> FtuneError:
+def _hydra_error(exc: Exception, recipe: str = "") -> FtuneError:
     """Hydra/OmegaConf composition errors as one short message naming the key."""
     texts, cause = [str(exc)], exc.__cause__ or exc.__context__
     while cause is not None and len(texts) < 4:
@@ -105,30 +107,62 @@ def _hydra_error(exc: Exception) -> FtuneError:
     lines, seen = [], set()
     for line in "\n".join(texts).splitlines():
         line = line.strip()
-        if line and line not in seen and not line.startswith(("full_key", "object_type", "To append")):
+        if line.startswith("full_key:") and line != "full_key:":
+            line = "key: " + line.removeprefix("full_key:").strip()  # the key the user must fix
+        if line and line not in seen and not line.startswith(
+                ("full_key", "object_type", "To append", "reference_type", "Value '$VALUE'")):
             seen.add(line)
             lines.append(line)
     hint = "Check the key's spelling with `ftune config show`; new keys are not allowed."
-    if any(line.startswith("In 'recipes/") for line in lines):
+    if any("could not be converted" in line or "is not a valid" in line for line in lines):
+        hint = "Give the key a value of its type; `ftune config show` prints every key with its current value."
+    if is_recipe_file(recipe):
+        lines = [line.replace(f"In 'recipes/{Path(recipe).stem}'", f"In {recipe}") for line in lines]
+        hint = f"Fix the key in {recipe}; `ftune config show` lists every key and its type."
+    elif any(line.startswith("In 'recipes/") for line in lines):
         hint = ("The recipe sets a key that the group choice you picked does not have: override that key "
                 "away (~key) or pick a recipe made for this choice.")
     return FtuneError(f"config error: {lines[0]}", lines[1:6], hint)
 
 
+def is_recipe_file(recipe: str) -> bool:
+    return recipe.endswith((".yaml", ".yml"))
+
+
+def _user_recipe(path_text: str, folder: Path) -> str:
+    """Copy a recipe file of the user's into folder/recipes/ (a second Hydra search path) after
+    checking it is readable YAML; returns its name there."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise FtuneError(f"recipe={path_text}: file does not exist",
+                         hint="Give a recipe file (.yaml) or a shipped recipe name (see `ftune recipes`).")
+    read_mapping(path, "a recipe")
+    text = path.read_text(encoding="utf-8")
+    if "@package _global_" not in text.split("\n", 1)[0]:
+        text = "# @package _global_\n" + text  # recipes set keys of the whole config
+    (folder / "recipes").mkdir()
+    (folder / "recipes" / f"{path.stem}.yaml").write_text(text)
+    return path.stem
+
+
 def compose(overrides: list[str] | None = None) -> Composed:
     """Compose, derive and validate. Raises FtuneError listing every problem found."""
     recipe, rest = split_overrides(list(overrides or []))
-    _check_names(recipe, rest)
-    root = resources.data_root()
-    hydra_overrides = [f"hydra.searchpath=[file://{root}]", f"+recipes={recipe}", *rest]
-    try:
-        with initialize_config_dir(config_dir=str(resources.configs_dir()), version_base=None):
-            raw = hydra_compose(config_name="config", overrides=hydra_overrides)
-        cfg = OmegaConf.to_object(raw)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise _hydra_error(exc) from None
+    with tempfile.TemporaryDirectory(prefix="ftune-recipe-") as extra:
+        name, search = recipe, [resources.data_root()]
+        if is_recipe_file(recipe):
+            name = _user_recipe(recipe, Path(extra))
+            search.append(Path(extra))
+        _check_names(name if not is_recipe_file(recipe) else None, rest)
+        hydra_overrides = [f"hydra.searchpath=[{','.join(f'file://{p}' for p in search)}]", f"+recipes={name}", *rest]
+        try:
+            with initialize_config_dir(config_dir=str(resources.configs_dir()), version_base=None):
+                raw = hydra_compose(config_name="config", overrides=hydra_overrides)
+            cfg = OmegaConf.to_object(raw)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise _hydra_error(exc, recipe) from None
     assert isinstance(cfg, FtuneConfig)
-    cfg.recipe = recipe
+    cfg.recipe = name
     notes = derive(cfg)
     problems = validate(cfg)
     if problems:

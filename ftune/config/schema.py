@@ -86,7 +86,8 @@ class DatasetConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """One or more sources, mixed by weight."""
     template: Optional[str] = None
-    """Prompt template (data_templates/ name or `model`); unset: model.template."""
+    """Prompt template: a data_templates/ name, a template file of your own (path ending in .yaml,
+    same fields as data_templates/chatml.yaml) or `model`; unset: model.template."""
     max_seq_len: int = 512
     """Tokens per sample (or per packed row); longer samples are truncated with a counted warning."""
     packing: bool = False
@@ -102,6 +103,10 @@ class DatasetConfig:
     """A separate held-out file in the first source's format; replaces eval_fraction."""
     max_rows: Optional[int] = None
     """Use at most this many training rows after mixing (quick runs)."""
+    on_bad_row: str = "fail"
+    """fail: stop at the first unreadable row (not UTF-8, not JSON, missing or wrong-typed columns),
+    naming file and row | skip: leave such rows out, count them, report them after tokenising and
+    in summary.json."""
     sample_prompt: Optional[str] = None
     """Prompt answered after training to show the model; unset: the first held-out prompt."""
 

@@ -21,6 +21,7 @@ from typing import Any
 from ftune import resources
 from ftune.config.schema import DatasetConfig, SourceConfig
 from ftune.data import formats, sources, templates
+from ftune.data.badrows import FAIL, BadRows
 from ftune.data.packing import pack
 from ftune.data.tokenize import TokenStats, tokenize_all
 from ftune.errors import FtuneError
@@ -38,9 +39,9 @@ class DataBundle:
     eval_prompts: list[list[dict]] = field(default_factory=list)
 
 
-def read_source(src: SourceConfig, index: int) -> list[dict]:
-    rows = sources.read_rows(src.path, src.split, src.subset)
-    return formats.to_records(rows, src.format, dict(src.columns), src.system, f"dataset.sources[{index}] ({src.path})")
+def read_source(src: SourceConfig, index: int, bad: BadRows = FAIL) -> list[dict]:
+    rows = sources.read_rows(src.path, src.split, src.subset, bad)
+    return formats.to_records(rows, src.format, dict(src.columns), src.system, f"dataset.sources[{index}] ({src.path})", bad)
 
 
 def weighted(records: list[dict], weight: float, rng: random.Random) -> list[dict]:
@@ -52,20 +53,21 @@ def weighted(records: list[dict], weight: float, rng: random.Random) -> list[dic
     return out
 
 
-def split_records(cfg: DatasetConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) canonical records after splitting and mixing."""
+def split_records(cfg: DatasetConfig, seed: int, bad: BadRows = FAIL) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) canonical records after splitting and mixing; bad rows go to `bad`."""
     rng = random.Random(seed)
     train, held = [], []
     for i, src in enumerate(cfg.sources):
-        records = read_source(src, i)
+        records = read_source(src, i, bad)
         rng.shuffle(records)
         n_eval = 0 if cfg.eval_path else min(round(cfg.eval_fraction * len(records)), len(records) - 1)
         held += records[:n_eval]
         train += weighted(records[n_eval:], src.weight, rng)
     if cfg.eval_path:
         first = cfg.sources[0]
-        rows = sources.read_rows(cfg.eval_path)
-        held = formats.to_records(rows, first.format, dict(first.columns), first.system, f"dataset.eval_path ({cfg.eval_path})")
+        rows = sources.read_rows(cfg.eval_path, bad=bad)
+        held = formats.to_records(rows, first.format, dict(first.columns), first.system,
+                                  f"dataset.eval_path ({cfg.eval_path})", bad)
     rng.shuffle(train)
     if cfg.max_rows:
         train = train[: cfg.max_rows]
@@ -82,7 +84,8 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
-    template_file = resources.templates_dir() / f"{cfg.template}.yaml"
+    template_file = (Path(str(cfg.template)).expanduser() if str(cfg.template).endswith((".yaml", ".yml"))
+                     else resources.templates_dir() / f"{cfg.template}.yaml")
     parts = {
         "version": CACHE_VERSION,
         "dataset": dataclasses.asdict(cfg),
@@ -193,7 +196,13 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
         cached = json.loads(path.read_text())
         cached["stats"]["from_cache"] = str(path)
         return DataBundle(**cached)
-    train_records, eval_records = split_records(cfg, seed)
+    if cfg.packing and not tokenizer.eos_token:
+        raise FtuneError("dataset.packing=true, but the tokenizer has no EOS token",
+                         ["packed samples are told apart by the EOS token that ends each one; without it the "
+                          "model never learns where a sample stops"],
+                         "Set dataset.packing=false, or use a tokenizer with an eos_token (tokenizer_config.json).")
+    bad = BadRows(skip=cfg.on_bad_row == "skip")
+    train_records, eval_records = split_records(cfg, seed, bad)
     train, train_stats = tokenize_records(train_records, cfg, tokenizer, stage)
     held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, stage)
     if not train:
@@ -201,7 +210,8 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
                          [f"{train_stats.dropped_no_target} samples had no assistant tokens within max_seq_len={cfg.max_seq_len}"],
                          "Raise dataset.max_seq_len or check the template and train_on setting.")
     prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
-    stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path)}
+    stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path),
+             "bad_rows": bad.summary()}
     if cfg.packing:
         train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)
         stats["packed_rows"] = {"train": len(train), "eval": len(held)}

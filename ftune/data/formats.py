@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ftune.data.badrows import FAIL, BadRows
 from ftune.errors import FtuneError
 
 Record = dict[str, Any]
@@ -209,8 +210,10 @@ def map_columns(row: Row, columns: dict[str, str]) -> Row:
     return out
 
 
-def to_records(rows: list[Row], fmt: str, columns: dict[str, str], system: str | None, where: str) -> list[Record]:
-    """Convert every row; the first bad row stops with its number, the problem and the fix."""
+def to_records(rows: list[Row], fmt: str, columns: dict[str, str], system: str | None, where: str,
+               bad: BadRows = FAIL) -> list[Record]:
+    """Convert every row; a bad row is named by number with the problem and the fix (and stops
+    the run, or is skipped and counted with dataset.on_bad_row=skip)."""
     convert = CONVERTERS[fmt]
     records = []
     for i, row in enumerate(rows):
@@ -218,7 +221,7 @@ def to_records(rows: list[Row], fmt: str, columns: dict[str, str], system: str |
             records.append(convert(map_columns(row, columns), system))
         except RowError as exc:
             found = ", ".join(sorted(map(str, row))) or "none"
-            raise FtuneError(f"{where}, row {i + 1}: {exc}", [f"format={fmt} expects columns: {', '.join(FIELDS[fmt])}",
-                                                               f"the row has columns: {found}"],
-                             "Fix the row, or map your column names with dataset.sources[i].columns.") from None
+            bad.found(f"{where}, row {i + 1}: {exc}", [f"format={fmt} expects columns: {', '.join(FIELDS[fmt])}",
+                                                      f"the row has columns: {found}"],
+                      "Fix the row, or map your column names with dataset.sources[i].columns.")
     return records

@@ -9,52 +9,86 @@ from pathlib import Path
 from typing import Any
 
 from ftune import resources
+from ftune.data.badrows import FAIL, BadRows
 from ftune.errors import FtuneError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _lines(path: Path) -> list[tuple[int, bytes]]:
+    with path.open("rb") as f:
+        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _read_jsonl(path: Path, bad: BadRows = FAIL) -> list[dict]:
+    """One JSON object a line; a line that is not UTF-8, not JSON or not an object is a bad row."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FtuneError(f"{path}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})",
-                                 hint="Each line of a .jsonl file must be one JSON object.") from None
-            if not isinstance(row, dict):
-                raise FtuneError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for n, raw in _lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.found(f"{path}, line {n}: not valid UTF-8 (byte {exc.start} of the line: {raw[exc.start:exc.start + 1]!r})",
+                      hint="Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.found(f"{path}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})",
+                      hint="Each line of a .jsonl file must be one JSON object.")
+            continue
+        if not isinstance(row, dict):
+            bad.found(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}",
+                      hint="Each line of a .jsonl file must be one JSON object ({...}).")
+            continue
+        rows.append(row)
     return rows
 
 
-def _read_json(path: Path) -> list[dict]:
+def _text(path: Path) -> str:
+    """The whole file as UTF-8; an invalid byte is named by line (a file-level problem: not skippable)."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FtuneError(f"{path}, line {line}: not valid UTF-8 (byte {data[exc.start:exc.start + 1]!r})",
+                         hint="Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+
+
+def _read_json(path: Path, bad: BadRows = FAIL) -> list[dict]:
+    try:
+        data = json.loads(_text(path))
     except json.JSONDecodeError as exc:
         # Many ".json" files are really JSON Lines; accept those too.
         if exc.msg == "Extra data":
-            return _read_jsonl(path)
+            return _read_jsonl(path, bad)
         raise FtuneError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise FtuneError(f"{path}: expected a list of JSON objects (or {{\"data\": [...]}})")
-    return data
+    if not isinstance(data, list):
+        raise FtuneError(f"{path}: expected a list of JSON objects (or {{\"data\": [...]}}), got {type(data).__name__}")
+    rows = []
+    for i, row in enumerate(data, 1):
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.found(f"{path}, item {i}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return [dict(row) for row in csv.DictReader(f)]
+def _read_csv(path: Path, bad: BadRows = FAIL) -> list[dict]:
+    import io
+
+    return [dict(row) for row in csv.DictReader(io.StringIO(_text(path), newline=""))]
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, bad: BadRows = FAIL) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's many error types all mean "not a readable parquet file"
+        raise FtuneError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -76,19 +110,21 @@ def _read_hub(name: str, subset: str | None, split: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def read_rows(path_spec: str, split: str = "train", subset: str | None = None) -> list[dict[str, Any]]:
+def read_rows(path_spec: str, split: str = "train", subset: str | None = None, bad: BadRows = FAIL
+              ) -> list[dict[str, Any]]:
     """All rows of one source; files by suffix, anything else as a Hugging Face dataset name."""
     path = Path(resources.resolve_path(path_spec)).expanduser()
     if path.suffix in READERS:
         if not path.is_file():
             raise FtuneError(f"data file {path} does not exist")
-        rows = READERS[path.suffix](path)
+        rows = READERS[path.suffix](path, bad)
     elif path.exists():
         raise FtuneError(f"{path}: unsupported data file; use one of {', '.join(LOCAL_SUFFIXES)}")
     else:
         rows = _read_hub(path_spec, subset, split)
     if not rows:
-        raise FtuneError(f"{path_spec}: no rows")
+        raise FtuneError(f"{path_spec}: no rows" + (f" ({bad.count} bad rows skipped)" if bad.count else ""),
+                         hint="Give a file with at least one row in the source's format.")
     return rows
 
 

@@ -7,14 +7,17 @@ at a time, and the text each assistant message adds is what gets trained.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ftune import resources
 from ftune.errors import FtuneError
+from ftune.yamlfile import read_mapping
 from ftune.registry import unknown_name_error
 
 
@@ -44,18 +47,30 @@ class Template:
 
 
 def load_template(name: str) -> Template | None:
-    """A named template, or None for `model` (the tokenizer's chat template)."""
+    """A named template (data_templates/<name>.yaml), a template file of the user's (a path ending
+    in .yaml), or None for `model` (the tokenizer's chat template)."""
     if name == "model":
         return None
     path = resources.templates_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FtuneError(f"dataset.template: {path} does not exist",
+                             hint="Give a template file, a shipped name (chatml, llama3, ...) or `model`.")
+    elif not path.is_file():
         names = ["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))]
         raise unknown_name_error("template", name, names, key="dataset.template")
-    data = yaml.safe_load(path.read_text()) or {}
-    try:
-        return Template(name=name, **data)
-    except TypeError as exc:
-        raise FtuneError(f"{path}: {exc}", hint="See data_templates/chatml.yaml for the fields a template has.") from None
+    data = read_mapping(path, "a template")
+    fields = {f.name for f in dataclasses.fields(Template)} - {"name"}
+    unknown, missing = sorted(set(data) - fields), [f for f in ("user", "assistant") if not data.get(f)]
+    if unknown or missing:
+        raise FtuneError(f"{path}: not a usable template",
+                         [*(f"unknown field '{k}'" for k in unknown), *(f"'{k}' is missing or empty" for k in missing)],
+                         "A template needs user and assistant parts; see data_templates/chatml.yaml for every field.")
+    if "{content}" not in str(data["assistant"]):
+        raise FtuneError(f"{path}: the assistant part has no {{content}}, so no answer would be trained",
+                         hint='Write the answer\'s place as {content}, e.g. assistant: "{content}<|im_end|>".')
+    return Template(name=path.stem, **{k: str(v) if v is not None else v for k, v in data.items()})
 
 
 PLACEHOLDER = re.compile(r"\{(content|system|bos|eos)\}")

@@ -61,6 +61,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         if not path.is_file():
             raise FtuneError(f"model.path: {path} does not exist")
         return str(gguf_to_folder(path))
+    safety.refuse_pickle(path, "model.path", cfg.allow_pickle)
     return str(path) if path.exists() else cfg.path
 
 
@@ -123,8 +124,8 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
 
         safety.note_remote_code(Console(stderr=True), path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # labels mask padding, so sharing EOS is safe
+    if tokenizer.pad_token is None:  # labels mask padding, so sharing a special token is safe
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -145,7 +146,6 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
         model.config.use_cache = False
         return model, tokenizer
     quant = quantization_config(cfg)
-    safety.refuse_pickle(Path(path), "model.path", cfg.model.allow_pickle)
     try:
         tokenizer = load_tokenizer(path, cfg.model)
         model = AutoModelForCausalLM.from_pretrained(
@@ -153,9 +153,13 @@ def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
             attn_implementation=attention_impl(cfg.model, device, cfg.hardware), quantization_config=quant,
             device_map={"": _device_map_target(device)} if quant is not None else None,
             use_safetensors=None if cfg.model.allow_pickle else True)
-    except OSError as exc:
-        raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [str(exc).splitlines()[0][:300]],
-                         "Give a local folder or .gguf file, or a hub id that is cached or reachable.") from None
+    except FtuneError:
+        raise
+    except Exception as exc:  # missing files, corrupt safetensors, unknown architectures: all the input's
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise FtuneError(f"model.path: could not load '{cfg.model.path}'", [f"{type(exc).__name__}: {first}"],
+                         "Give a complete Hugging Face model folder (config.json, tokenizer, *.safetensors), a "
+                         ".gguf file, or a hub id that is cached or reachable.") from None
     if quant is None:
         model.to(device)
     if cfg.hardware.liger:

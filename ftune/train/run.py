@@ -62,7 +62,8 @@ def resolve_run_dir(cfg: FtuneConfig) -> tuple[Path, Path | None]:
 
 def fresh_run_dir(cfg: FtuneConfig) -> Path:
     """A new run's directory. An existing one is never written into unless train.overwrite
-    (then it is emptied first); an automatic name that collides gets a -2, -3 ... suffix."""
+    (then it is replaced once the model and data have loaded); an automatic name that collides
+    gets a -2, -3 ... suffix."""
     root = Path(cfg.train.output_dir)
     if not cfg.train.run_name:
         name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -72,13 +73,10 @@ def fresh_run_dir(cfg: FtuneConfig) -> Path:
             path = root / f"{name}-{n}"
         return path
     path = root / cfg.train.run_name
-    if path.exists() and any(path.iterdir()):
-        if not cfg.train.overwrite:
-            raise FtuneError(f"train.run_name={cfg.train.run_name}: {path} already holds a run",
-                             hint="Resume it with train.resume=true, pick another train.run_name, or replace it "
-                                  "with `ftune train --overwrite ...`.")
-        if distributed.is_main():
-            shutil.rmtree(path)
+    if path.exists() and any(path.iterdir()) and not cfg.train.overwrite:
+        raise FtuneError(f"train.run_name={cfg.train.run_name}: {path} already holds a run",
+                         hint="Resume it with train.resume=true, pick another train.run_name, or replace it "
+                              "with `ftune train --overwrite ...`.")
     return path
 
 
@@ -182,8 +180,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     device = model_load.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
     device = accelerator.device  # several GPUs: this process's own
-    # The run directory first: everything after writes into it. Every process uses rank 0's.
-    # Rank 0 alone decides (and may empty an existing directory with train.overwrite).
+    # The run directory is decided first (a refused one costs no loading), by rank 0 for all.
     run_dir, resume_from = resolve_run_dir(cfg) if main else (None, None)
     if distributed.world() > 1:
         from accelerate.utils import broadcast_object_list
@@ -191,11 +188,6 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         run_dir, resume_from = broadcast_object_list([run_dir, resume_from], from_process=0)
     for warning in checkpoint.SKIPPED:
         console.print(f"[yellow]warning:[/] {warning}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Secrets from the environment (e.g. via ${oc.env:...}) are never written to the run directory.
-        (run_dir / "config.yaml").write_text(safety.redact(composed.to_yaml()))
-        (run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(composed.overrides)) + "\n")
     console.print(f"[bold]ftune train[/] recipe={cfg.recipe}  model={cfg.model.name}  method={cfg.method.name}  "
                   f"stage={cfg.stage.name}  device={device.type}  precision={cfg.hardware.precision}")
     console.print(f"run directory: {run_dir}")
@@ -206,8 +198,14 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         model, tokenizer = model_load.load(cfg, device)
     with console.status("tokenising data"), accelerator.main_process_first():  # rank 0 fills the cache
         data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
-    if main:
-        (run_dir / "data_stats.json").write_text(json.dumps(data.stats, indent=2))
+    if main:  # created only now: a model or data error leaves no half-made run directory behind
+        if resume_from is None and cfg.train.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)  # --overwrite: the old run goes only once the new one has loaded
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Secrets from the environment (e.g. via ${oc.env:...}) are never written to the run directory.
+        (run_dir / "config.yaml").write_text(safety.redact(composed.to_yaml()))
+        (run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(composed.overrides)) + "\n")
+        (run_dir / "data_stats.json").write_text(safety.redact(json.dumps(data.stats, indent=2)))
     _report_data(console, data.stats, cfg)
 
     if cfg.train.gradient_checkpointing:
@@ -296,7 +294,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
     summary = {
         "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
-        "eval_loss_after": eval_after, "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
+        "eval_loss_after": eval_after, "bad_rows_skipped": (data.stats.get("bad_rows") or {}).get("skipped", 0),
+        "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
         **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
@@ -309,7 +308,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         summary["sample_prompt"] = prompts[0][-1]["content"]
         summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], accelerator)
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(safety.redact(json.dumps(summary, indent=2)))
     _report_summary(console, summary)
     return summary
 
@@ -348,6 +347,11 @@ def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
                       f"{cfg.dataset.max_seq_len} and were truncated")
     if t["dropped_no_target"]:
         console.print(f"[yellow]warning:[/] {t['dropped_no_target']} samples had no trained tokens left and were dropped")
+    bad = stats.get("bad_rows") or {}
+    if bad.get("skipped"):
+        console.print(f"[yellow]warning:[/] {bad['skipped']} bad rows skipped (dataset.on_bad_row=skip), e.g.:")
+        for example in bad["examples"]:
+            console.print(f"  - {example}", soft_wrap=True)
 
 
 def _report_summary(console: Console, s: dict) -> None:
@@ -363,4 +367,6 @@ def _report_summary(console: Console, s: dict) -> None:
                   f"wall time {s['wall_seconds']:.0f} s")
     if "sample_answer" in s:
         console.print(f"[bold]sample[/] Q: {s['sample_prompt']}\n         A: {s['sample_answer']}")
+    if s.get("bad_rows_skipped"):
+        console.print(f"[yellow]{s['bad_rows_skipped']} bad data rows were skipped[/] (listed in data_stats.json)")
     console.print(f"saved: {s['saved']}  (metrics.jsonl, loss.png, summary.json in {s['run_dir']})")
