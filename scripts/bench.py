@@ -40,7 +40,7 @@ from bench_workload import (Settings, ModelShape, compose_arm, flop_terms, ftune
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "BENCH_RESULT "  # the line a worker prints its measurements on
 LAST_K = 5  # training loss is also compared as the mean over the last K steps (one step is noisy)
-DEFAULTS = {"cpu": dict(steps=12, rounds=2, batch=8, packed_batch=2),
+DEFAULTS = {"cpu": dict(steps=16, rounds=3, batch=8, packed_batch=2),
             "cuda": dict(steps=60, rounds=3, batch=32, packed_batch=8)}
 
 
@@ -143,7 +143,9 @@ def measure(arm: str, s: Settings, work: Path, name: str, plan: list, terms: dic
     tokens = sum(w.tokens for w in plan[steady])
     flops = sum(step_flops(w, terms) for w in plan[steady])
     losses = result["losses"]
-    return {"arm": arm, **result, "steady_seconds": seconds, "steady_tokens": tokens,
+    # The compared peak: the process's RSS on CPU; CUDA memory allocated (as each side reports it) on GPU.
+    memory = result["peak_rss_gib"] if s.device == "cpu" else result["peak_gib_self"]
+    return {"arm": arm, **result, "peak_memory_gib": memory, "steady_seconds": seconds, "steady_tokens": tokens,
             "tokens_per_s": tokens / seconds, "model_flops_per_s": flops / seconds,
             "first_step_seconds": times[0], "final_loss": losses[-1],
             "mean_loss_last_k": sum(losses[-LAST_K:]) / len(losses[-LAST_K:]), "mean_loss": sum(losses) / len(losses)}
@@ -185,7 +187,7 @@ def run_all(s: Settings, work: Path) -> dict:
             result = {"round": r + 1, **measure(arm, s, work, f"r{r + 1}-{arm}", plans[arm], terms)}
             runs.append(result)
             print(f"  {arm:13s} " + (result["error"] if "error" in result else
-                  f"{result['tokens_per_s']:7.1f} tok/s  peak {result['peak_rss_gib']:.2f} GiB  "
+                  f"{result['tokens_per_s']:7.1f} tok/s  peak {result['peak_memory_gib']:.2f} GiB  "
                   f"final loss {result['final_loss']:.4f}  wall {result['wall_seconds']:.0f} s  "
                   f"other CPU {100 * result['other_cpu']:.0f}%"), flush=True)
     peak = max(p["flops_per_s"] for p in peaks)
@@ -203,7 +205,7 @@ def summarise(runs: list[dict], arms: list[str], peak: float) -> dict:
         if not ok:
             out[arm] = {"runs": 0}
             continue
-        pick = {k: median([r[k] for r in ok]) for k in ("tokens_per_s", "peak_rss_gib", "model_flops_per_s",
+        pick = {k: median([r[k] for r in ok]) for k in ("tokens_per_s", "peak_memory_gib", "peak_rss_gib", "model_flops_per_s",
                                                         "first_step_seconds", "wall_seconds", "other_cpu")}
         first = ok[0]
         out[arm] = {**pick, "runs": len(ok), "utilisation": pick["model_flops_per_s"] / peak,
@@ -217,7 +219,7 @@ def summarise(runs: list[dict], arms: list[str], peak: float) -> dict:
     for arm, row in out.items():
         if arm != "baseline" and row.get("runs") and base.get("runs"):
             row["speedup_vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["memory_vs_baseline"] = row["peak_rss_gib"] / base["peak_rss_gib"]
+            row["memory_vs_baseline"] = row["peak_memory_gib"] / base["peak_memory_gib"]
     return out
 
 
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = run_all(s, work)
     results["total_seconds"] = time.perf_counter() - start
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M")
     from bench_report import write_report
 
     args.out.mkdir(parents=True, exist_ok=True)
