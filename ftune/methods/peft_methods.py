@@ -124,3 +124,18 @@ class AdaLoraHooks(StepHooks):
 
 
 HOOKS.register("adalora")(AdaLoraHooks)
+
+
+def keep_activation_dtype(model: Any) -> int:
+    """Under autocast, stop peft from casting every adapter input to the adapter's fp32 dtype.
+
+    peft casts the bf16 activation to fp32 before each adapter, and autocast casts it straight
+    back to bf16 for the matmul: two full-size copies per adapted layer per pass, for the same
+    numbers. Measured on the default CPU workload: 1.14x tokens/s, identical loss. Only for runs
+    under autocast (without it the fp32 adapter would meet a bf16 input). Returns the layers set."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
+            n += 1
+    return n

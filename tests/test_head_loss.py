@@ -1,0 +1,77 @@
+"""The target-only, chunked output-head loss equals the plain full-logits cross-entropy, in value
+and in gradients (tiny model, LoRA)."""
+
+from __future__ import annotations
+
+import torch
+
+from ftune.config.compose import compose
+
+
+def _setup(tiny_overrides, method="lora"):
+    from ftune.data.build import build
+    from ftune.methods import Setup, apply
+    from ftune.models import load as model_load
+    from ftune.train import objectives
+
+    cfg = compose([*tiny_overrides, f"method={method}", "dataset.packing=false"]).cfg
+    model, tok = model_load.load(cfg, torch.device("cpu"))
+    data = build(cfg.dataset, "sft", cfg.train.seed, tok)
+    torch.manual_seed(0)
+    model = apply(model, cfg, Setup(total_steps=10, model_path="tiny"))
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    batch = objectives.get(cfg.stage).collate(data.train[:6], tok.pad_token_id)
+    return model, batch
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_target_only_chunked_loss_matches_full_logits(tiny_overrides, monkeypatch):
+    from ftune.train.objectives import causal_lm as C
+
+    model, batch = _setup(tiny_overrides)
+    inputs = {k: batch[k] for k in C.MODEL_INPUTS if k in batch}
+    assert C.causal_lm_module(model) is not None
+    full, g_full = _loss_and_grads(model, lambda: C._full_logits_loss(model, inputs, batch))
+    fast, g_fast = _loss_and_grads(model, lambda: C.causal_lm(model, batch)[0])
+    monkeypatch.setattr(C, "CHUNK", 7)  # many chunks, recomputed in the backward pass
+    calls = []
+    monkeypatch.setattr(C, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
+    chunked, g_chunk = _loss_and_grads(model, lambda: C.causal_lm(model, batch)[0])
+    assert len(calls) > 3
+    assert torch.allclose(full, fast, rtol=1e-5) and torch.allclose(full, chunked, rtol=1e-5)
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_fast[name], atol=1e-6, rtol=1e-4), name
+        assert torch.allclose(g_full[name], g_chunk[name], atol=1e-6, rtol=1e-4), name
+    assert C.causal_lm(model, batch)[1] == C.count_targets(batch)
+
+
+def test_a_trained_head_takes_the_full_logits_path(tiny_overrides):
+    from ftune.train.objectives import causal_lm as C
+
+    model, _ = _setup([*tiny_overrides, "method.target_modules=[q_proj,lm_head]"])
+    assert C.causal_lm_module(model) is None
+
+
+def test_adapter_inputs_kept_in_bf16_under_autocast_give_the_same_loss(tiny_overrides):
+    from ftune.methods.peft_methods import keep_activation_dtype
+    from ftune.train.objectives import causal_lm as C
+
+    model, batch = _setup([*tiny_overrides, "hardware.precision=bf16", "model.dtype=bfloat16"])
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapter on a bf16 base, as ftune trains it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before, g_before = _loss_and_grads(model, lambda: C.causal_lm(model, batch)[0])
+        assert keep_activation_dtype(model) > 0
+        after, g_after = _loss_and_grads(model, lambda: C.causal_lm(model, batch)[0])
+    assert torch.equal(before, after)
+    assert all(torch.equal(g_before[n], g_after[n]) for n in g_before)
