@@ -32,6 +32,10 @@ def test_train_writes_a_complete_run_dir(tiny_overrides, tmp_path):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
     assert summary["steps"] == 4 and summary["eval_loss_after"] < summary["eval_loss_before"]
     assert "sample_answer" in summary
+    timed = [r for r in steps if "loss" in r]
+    assert all(r["step_seconds"] > 0 for r in timed)
+    later = sum(r["tokens"] for r in timed[1:]) / sum(r["step_seconds"] for r in timed[1:])
+    assert abs(summary["tokens_per_s_steady"] - later) <= 0.01 * later + 0.1  # steps 2-4 only
 
 
 def _tiny_batches(tiny_overrides, n):

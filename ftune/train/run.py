@@ -300,6 +300,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         "eval_loss_after": eval_after, "bad_rows_skipped": (data.stats.get("bad_rows") or {}).get("skipped", 0),
         "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+        "tokens_per_s_steady": steady_tokens_per_s(state),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
         **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
         "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3), **method_results,
@@ -314,6 +315,15 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         (run_dir / "summary.json").write_text(safety.redact(json.dumps(summary, indent=2)))
     _report_summary(console, summary)
     return summary
+
+
+def steady_tokens_per_s(state: FitState) -> float | None:
+    """tokens/s without the first step (its one-time costs: allocator warm-up, lazy init); None
+    for one-step runs."""
+    if not state.first_step or state.step < 2:
+        return None
+    tokens, seconds = state.tokens - state.first_step[0], state.train_seconds - state.first_step[1]
+    return round(tokens / seconds, 1) if seconds > 0 else None
 
 
 def resume_command(composed: Composed, run_dir: Path) -> str:

@@ -176,6 +176,9 @@ class FitState:
     """What an objective carries from step to step (PPO: the adaptive KL coefficient)."""
     skipped_steps: list = field(default_factory=list)
     """Steps skipped for a non-finite loss or gradient (train.on_nonfinite=skip)."""
+    first_step: list = field(default_factory=list)
+    """[tokens, seconds] of the run's first step (one-time costs: allocator warm-up, lazy init),
+    left out of the steady-state tokens/s in summary.json."""
 
 
 @dataclass
@@ -248,7 +251,10 @@ def _one_step(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsL
     state.step += 1
     state.tokens += metrics["tokens"]
     state.train_seconds += elapsed
-    record = {"step": state.step, **metrics, **source_metrics, "tokens_per_s": metrics["tokens"] / elapsed,
+    if state.step == 1:
+        state.first_step = [metrics["tokens"], elapsed]
+    record = {"step": state.step, **metrics, **source_metrics, "step_seconds": round(elapsed, 6),
+              "tokens_per_s": metrics["tokens"] / elapsed,
               "epoch": state.step * cfg.grad_accum / per_epoch}
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < steps:
         state.last_eval, eval_metrics = evaluate_held_out(parts, cfg.micro_batch_size)
