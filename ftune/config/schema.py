@@ -277,6 +277,10 @@ class HardwareConfig:
     attn_implementation: str = "auto"
     """auto | sdpa | eager | flash_attention_2 for this hardware (model.attn_implementation, when
     not auto, wins). auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    fused_ops: bool = True
+    """ftune's fused training paths: each LoRA linear layer as one autograd function (frozen matmul
+    and adapter accumulated in one matmul, hand-written backward). false: peft's stock forward.
+    The adapters and their files are the same either way."""
     liger: bool = False
     """CUDA: Liger kernels (fused RMSNorm, SwiGLU, RoPE, cross-entropy) when liger-kernel is installed."""
     memory_gib: float = 0.0

@@ -28,6 +28,7 @@ from ftune.data.build import build as build_data
 from ftune.errors import FtuneError
 from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
+from ftune.methods.fused_lora import fuse_lora_layers
 from ftune.methods.peft_methods import keep_activation_dtype
 from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
@@ -217,6 +218,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     model = apply_method(model, cfg, setup)
     if cfg.hardware.precision in ("bf16", "fp16"):  # autocast casts adapter inputs itself
         keep_activation_dtype(model)
+    if cfg.hardware.fused_ops:
+        fuse_lora_layers(model)
     if cfg.stage.name == "dpo":
         from ftune.train.objectives.dpo import prepare_reference
 
