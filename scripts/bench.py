@@ -210,6 +210,8 @@ def summarise(runs: list[dict], arms: list[str], peak: float) -> dict:
         first = ok[0]
         out[arm] = {**pick, "runs": len(ok), "utilisation": pick["model_flops_per_s"] / peak,
                     "tokens_per_s_each": [round(r["tokens_per_s"], 1) for r in ok],
+                    "first_step_seconds_each": [r["first_step_seconds"] for r in ok],
+                    "wall_seconds_each": [r["wall_seconds"] for r in ok],
                     "peak_gib_self": median([r.get("peak_gib_self") for r in ok]),
                     "final_loss": first["final_loss"], "mean_loss_last_k": first["mean_loss_last_k"],
                     "mean_loss": first["mean_loss"], "eval_loss_after": first.get("eval_loss_after"),
@@ -241,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--packed-batch", type=int, help="packed rows per micro-batch of the ftune-packed arm")
     p.add_argument("--arms", default="ftune,baseline,ftune-packed", help="comma-separated: ftune,baseline,ftune-packed")
+    p.add_argument("--compile", choices=["true", "false", "auto"], default="true",
+                   help="hardware.compile of the ftune arms (true: a long run's steady state)")
     p.add_argument("--timeout", type=int, default=420, help="seconds one run may take before it is killed")
     p.add_argument("--out", type=Path, default=ROOT / "bench", help="folder for results.md and results.json")
     p.add_argument("--workdir", default="", help="scratch folder for run directories and logs (default: a temp dir)")
@@ -253,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     s = Settings(device=args.device, steps=args.steps or d["steps"], rounds=args.rounds or d["rounds"],
                  seq_len=args.seq_len, batch=args.batch or d["batch"], grad_accum=args.grad_accum,
                  packed_batch=args.packed_batch or d["packed_batch"], arms=args.arms.split(","),
-                 timeout_s=args.timeout, workdir=args.workdir)
+                 compile=args.compile, timeout_s=args.timeout, workdir=args.workdir)
     unknown = set(s.arms) - {"ftune", "baseline", "ftune-packed"}
     if unknown or s.steps < 2:
         p.error(f"unknown arms {sorted(unknown)}" if unknown else "--steps must be >= 2 (step 1 is not timed)")

@@ -28,18 +28,21 @@ def _g(x: float | None, digits: int = 2) -> str:
 
 def results_table(summary: dict, arms: list[str]) -> list[str]:
     lines = ["| arm | tokens/s (median) | each round | vs baseline | peak memory GiB | vs baseline | "
-             "model GFLOP/s | utilisation | final loss | mean loss, last 5 | held-out loss after | other CPU |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "model GFLOP/s | utilisation | final loss | mean loss, last 5 | held-out loss after | first step s | "
+             "wall s | other CPU |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
         r = summary.get(arm, {})
         if not r.get("runs"):
-            lines.append(f"| {arm} | failed | | | | | | | | | | |")
+            lines.append(f"| {arm} | failed | | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {arm} | {r['tokens_per_s']:.1f} | {', '.join(map(str, r['tokens_per_s_each']))} | "
             f"{_g(r.get('speedup_vs_baseline'))}x | {r['peak_memory_gib']:.2f} | {_g(r.get('memory_vs_baseline'))}x | "
             f"{r['model_flops_per_s'] / 1e9:.1f} | {100 * r['utilisation']:.1f}% | {r['final_loss']:.4f} | "
-            f"{r['mean_loss_last_k']:.4f} | {_g(r.get('eval_loss_after'), 4)} | {100 * r['other_cpu']:.0f}% |")
+            f"{r['mean_loss_last_k']:.4f} | {_g(r.get('eval_loss_after'), 4)} | "
+            f"{', '.join(f'{x:.1f}' for x in r['first_step_seconds_each'])} | "
+            f"{', '.join(f'{x:.0f}' for x in r['wall_seconds_each'])} | {100 * r['other_cpu']:.0f}% |")
     return [line.replace("| –x |", "| – |") for line in lines]
 
 
@@ -160,6 +163,11 @@ def write_report(res: dict) -> str:
         f"Peak {peak['dtype']} matmul: **{peak['flops_per_s'] / 1e9:.0f} GFLOP/s** (per round: {per_round}). "
         "tokens/s counts the non-padding tokens of the timed steps. Peak memory: the whole process's peak "
         + ("RSS (each run its own process)." if s["device"] == "cpu" else "CUDA memory allocated."),
+        "First step s / wall s: every run's untimed first step (one-time costs: "
+        + (f"ftune's torch.compile of the decoder layer with hardware.compile={s.get('compile', 'false')}, "
+           "from scratch in the first run and from inductor's on-disk cache after it; "
+           if s.get("compile", "false") != "false" else "")
+        + "the baseline's first forward) and the whole process, model loading and held-out evaluation included.",
         "Other CPU: the share of all cores' time that other processes used during a run (median), "
         + (f"up to {100 * contention:.0f}% here: other work shared the machine and slowed the runs, so treat "
            "the speeds as rough." if contention > 0.05 else "under 5% here: the machine was otherwise quiet."),

@@ -39,6 +39,10 @@ class Settings:
     grad_accum: int = 1
     packed_batch: int = 2
     """Packed rows of seq_len tokens per micro-batch for the `ftune-packed` arm (the recipe's 2)."""
+    compile: str = "true"
+    """hardware.compile of the ftune arms: true measures the steady state of a long run (auto
+    compiles runs of 200+ steps); the one-time compile lands in the untimed first step, and the
+    report shows that step's seconds and every run's wall time."""
     arms: list[str] = field(default_factory=lambda: ["ftune", "baseline", "ftune-packed"])
     timeout_s: int = 420
     workdir: str = ""
@@ -59,6 +63,7 @@ def ftune_overrides(s: Settings, packed: bool, output_dir: str = "outputs", run_
     return [f"recipe={s.recipe}", f"hardware={hardware}", f"train.max_steps={s.steps}",
             f"dataset.max_seq_len={s.seq_len}", f"dataset.packing={'true' if packed else 'false'}",
             f"train.micro_batch_size={s.packed_batch if packed else s.batch}", f"train.grad_accum={s.grad_accum}",
+            f"hardware.compile={s.compile}",
             "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0", "train.tensorboard=false",
             f"train.output_dir={output_dir}", f"train.run_name={run_name}"]
 

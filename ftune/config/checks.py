@@ -254,6 +254,11 @@ def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
     _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
     _choice(problems, "hardware.attn_implementation", hw.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
+    hw.compile = str(hw.compile).lower()  # `hardware.compile=true` arrives as "True"
+    _choice(problems, "hardware.compile", hw.compile, ("auto", "true", "false"))
+    if hw.compile == "true" and hw.strategy in ("fsdp", "deepspeed"):
+        problems.append(f"hardware.compile=true works with strategy none or ddp (got {hw.strategy}); "
+                        "set hardware.compile=false or auto")
     if hw.num_processes < 0 or hw.num_nodes < 1:
         problems.append(f"hardware.num_processes must be >= 0 and hardware.num_nodes >= 1 "
                         f"(got {hw.num_processes}, {hw.num_nodes})")

@@ -32,7 +32,7 @@ from ftune.methods.fused_lora import fuse_lora_layers
 from ftune.methods.peft_methods import keep_activation_dtype
 from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
-from ftune.train import checkpoint, distributed, objectives, stopping
+from ftune.train import checkpoint, compiled, distributed, objectives, stopping
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.heads import WithScalarHead, save_head, unwrap_head
@@ -220,6 +220,10 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         keep_activation_dtype(model)
     if cfg.hardware.fused_ops:
         fuse_lora_layers(model)
+    use_compile, compile_note = compiled.wanted(cfg.hardware, steps, device)
+    if use_compile:
+        compiled.compile_layers(model)
+        setup.notes += [compile_note] if compile_note else []
     if cfg.stage.name == "dpo":
         from ftune.train.objectives.dpo import prepare_reference
 

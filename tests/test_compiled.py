@@ -1,0 +1,58 @@
+"""hardware.compile: when it is switched on, and a compiled run learns what the eager run learns."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftune.config.compose import compose
+from ftune.errors import FtuneError
+from ftune.train import compiled
+
+CPU = torch.device("cpu")
+
+
+def _hw(mode, strategy="none"):
+    return SimpleNamespace(compile=mode, strategy=strategy)
+
+
+def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert compiled.wanted(_hw("auto"), 50, CPU) == (False, None)
+    on, note = compiled.wanted(_hw("auto"), 500, CPU)
+    assert on and "500 steps" in note
+    assert compiled.wanted(_hw("auto", "fsdp"), 500, CPU)[0] is False
+    assert compiled.wanted(_hw("false"), 500, CPU) == (False, None)
+    assert compiled.wanted(_hw("true"), 3, CPU) == (True, None)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    assert compiled.wanted(_hw("auto"), 500, CPU)[0] is False
+    with pytest.raises(FtuneError, match="compiler"):
+        compiled.wanted(_hw("true"), 500, CPU)
+
+
+def test_compile_setting_is_checked(tiny_overrides):
+    with pytest.raises(FtuneError, match="hardware.compile must be one of"):
+        compose([*tiny_overrides, "hardware.compile=fast"])
+    with pytest.raises(FtuneError, match="strategy none or ddp"):
+        compose([*tiny_overrides, "hardware.compile=true", "hardware.strategy=fsdp"])
+    assert compose([*tiny_overrides, "hardware.compile=True"]).cfg.hardware.compile == "true"
+
+
+def test_a_compiled_run_learns_like_the_eager_run(tiny_overrides):
+    from torch._dynamo.utils import counters
+
+    from ftune.train.run import train
+
+    if compiled.compiler_missing(CPU):
+        pytest.skip(compiled.compiler_missing(CPU))
+    common = [*tiny_overrides, "train.max_steps=3", "train.lr=1e-2", "dataset.packing=false",
+              "train.sample_max_new_tokens=2"]
+    eager = train(compose([*common, "train.run_name=eager", "hardware.compile=false"]))
+    graphs = counters["stats"]["unique_graphs"]
+    fast = train(compose([*common, "train.run_name=fast", "hardware.compile=true"]))
+    assert counters["stats"]["unique_graphs"] > graphs  # the decoder layers really ran compiled
+    assert fast["eval_loss_before"] == eager["eval_loss_before"]  # evaluation stays eager
+    assert fast["eval_loss_after"] == pytest.approx(eager["eval_loss_after"], rel=1e-5)
+    assert fast["eval_loss_after"] < fast["eval_loss_before"]
