@@ -53,6 +53,16 @@ def test_a_compiled_run_learns_like_the_eager_run(tiny_overrides):
     graphs = counters["stats"]["unique_graphs"]
     fast = train(compose([*common, "train.run_name=fast", "hardware.compile=true"]))
     assert counters["stats"]["unique_graphs"] > graphs  # the decoder layers really ran compiled
-    assert fast["eval_loss_before"] == eager["eval_loss_before"]  # evaluation stays eager
+    # evaluation runs uncompiled; the compiled CPU run uses matmul-softmax attention instead of SDPA
+    assert fast["eval_loss_before"] == pytest.approx(eager["eval_loss_before"], rel=1e-6)
     assert fast["eval_loss_after"] == pytest.approx(eager["eval_loss_after"], rel=1e-5)
     assert fast["eval_loss_after"] < fast["eval_loss_before"]
+
+
+def test_compiled_cpu_runs_switch_to_matmul_attention_only_when_unset():
+    cfg = SimpleNamespace(model=SimpleNamespace(attn_implementation="auto"),
+                          hardware=SimpleNamespace(attn_implementation="auto"))
+    assert compiled.cpu_attention(cfg, CPU) == "eager"
+    assert compiled.cpu_attention(cfg, torch.device("cuda")) is None
+    cfg.model.attn_implementation = "sdpa"
+    assert compiled.cpu_attention(cfg, CPU) is None

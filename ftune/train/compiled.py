@@ -52,6 +52,18 @@ def wanted(hw: Any, steps: int, device: torch.device) -> tuple[bool, str | None]
     return True, f"hardware.compile=auto: compiling the decoder layers ({steps} steps); set false to skip"
 
 
+def cpu_attention(cfg: Any, device: torch.device) -> str | None:
+    """The attention implementation a compiled CPU run switches to, or None to keep the loaded one.
+
+    Compiled, the plain matmul-softmax-matmul attention beats the CPU flash-attention kernel
+    (whose backward is the largest non-matmul cost of the step): inductor fuses the mask, softmax
+    and casts around two batched matmuls. Measured on the default workload (packed 2x256, bf16,
+    compiled): 1.13x tokens/s. Only when neither model nor hardware names an implementation."""
+    if device.type != "cpu" or cfg.model.attn_implementation != "auto" or cfg.hardware.attn_implementation != "auto":
+        return None
+    return "eager"
+
+
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The repeated transformer blocks: modules whose class name ends in DecoderLayer or Block."""
     from ftune.train.distributed import decoder_layers as blocks

@@ -213,6 +213,10 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = run_steps(cfg, len(data.train))
+    use_compile, compile_note = compiled.wanted(cfg.hardware, steps, device)
+    attention = compiled.cpu_attention(cfg, device) if use_compile else None
+    if attention:
+        model.set_attn_implementation(attention)
     base_path = model.name_or_path
     setup = Setup(total_steps=steps, model_path=base_path)
     model = apply_method(model, cfg, setup)
@@ -220,7 +224,6 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         keep_activation_dtype(model)
     if cfg.hardware.fused_ops:
         fuse_lora_layers(model)
-    use_compile, compile_note = compiled.wanted(cfg.hardware, steps, device)
     if use_compile:
         compiled.compile_layers(model)
         setup.notes += [compile_note] if compile_note else []
