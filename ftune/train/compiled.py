@@ -71,6 +71,19 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return blocks(model)
 
 
+def _mark_shapes(hidden: Any, rotary: Any) -> None:
+    """Batch and length vary (one graph for all); feature sizes are fixed. Without the static
+    marks, a batch whose length equals the head size (64) lets the shape solver merge the two,
+    and the graph specialises to that length: a second compile at the next length."""
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        torch._dynamo.maybe_mark_dynamic(hidden, 1)
+        torch._dynamo.mark_static(hidden, 2)
+    for t in rotary if isinstance(rotary, (tuple, list)) else ():
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            torch._dynamo.mark_static(t, t.dim() - 1)
+
+
 def compile_layers(model: Any) -> int:
     """Route every decoder layer's training forward through one torch.compile'd function
     (dynamic shapes: packed and padded batches change length every step). Returns the layers."""
@@ -81,10 +94,7 @@ def compile_layers(model: Any) -> int:
 
         def forward(*args: Any, _eager: Any = eager, _fast: Any = fast, _layer: Any = layer, **kwargs: Any) -> Any:
             if torch.is_grad_enabled() and _layer.training:
-                hidden = args[0] if args else kwargs.get("hidden_states")
-                if isinstance(hidden, torch.Tensor):  # batch and length change: one graph for all
-                    torch._dynamo.maybe_mark_dynamic(hidden, 0)
-                    torch._dynamo.maybe_mark_dynamic(hidden, 1)
+                _mark_shapes(args[0] if args else kwargs.get("hidden_states"), kwargs.get("position_embeddings"))
                 return _fast(*args, **kwargs)
             return _eager(*args, **kwargs)
 
