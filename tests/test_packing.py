@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ftune.config.compose import compose
 from ftune.data.collate import collate
 from ftune.data.packing import pack
 from ftune.data.templates import load_template, render
@@ -58,3 +59,44 @@ def test_pack_respects_max_len_and_restarts_positions(samples):
     assert sum(r["position_ids"].count(0) for r in rows) == len(samples)
     total_targets = sum(sum(1 for x in s["labels"][1:] if x != -100) for s in samples)
     assert sum(sum(1 for x in r["labels"] if x != -100) for r in rows) == total_targets
+
+
+def test_padding_free_micro_batches_keep_every_sample_whole_and_give_the_same_loss(tiny_overrides):
+    from ftune.data.build import build
+    from ftune.data.collate import collate, collate_padding_free, row_width
+    from ftune.data.packing import pack_group
+    from ftune.methods import Setup, apply
+    from ftune.models import load as model_load
+    from ftune.train import objectives
+    from ftune.train.objectives.causal_lm import causal_lm
+
+    cfg = compose([*tiny_overrides, "dataset.packing=false"]).cfg
+    assert cfg.dataset.padding_free and objectives.get(cfg.stage, cfg.dataset).collate is collate_padding_free
+    model, tok = model_load.load(cfg, torch.device("cpu"))
+    data = build(cfg.dataset, "sft", cfg.train.seed, tok)
+    samples = data.train[:8]
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    width = row_width(lengths)
+    assert max(lengths) <= width <= 2 * max(lengths) + 8
+    rows = pack_group(samples, width)
+    assert len(rows) < len(samples)  # rows are shared
+    assert sorted(n for r in rows for n in _sample_lengths(r["position_ids"])) == lengths
+    padded, free = collate(samples, tok.pad_token_id), collate_padding_free(samples, tok.pad_token_id)
+    assert free["input_ids"].numel() < padded["input_ids"].numel()
+    assert int(free["num_tokens"]) == int(padded["num_tokens"])
+    model = apply(model, cfg, Setup(total_steps=1, model_path="tiny"))
+    model.eval()
+    with torch.no_grad():
+        a, n_a = causal_lm(model, padded)
+        b, n_b = causal_lm(model, free)
+    assert n_a == n_b and torch.allclose(a, b, rtol=1e-5)
+
+
+def _sample_lengths(position_ids: list[int]) -> list[int]:
+    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def test_padding_free_is_off_where_rows_cannot_be_shared(tiny_overrides):
+    assert compose([*tiny_overrides, "method=prefix"]).cfg.dataset.padding_free is False
+    assert compose([*tiny_overrides, "stage=dpo", "dataset=smol-prefs"]).cfg.dataset.padding_free is False

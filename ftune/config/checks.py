@@ -54,6 +54,8 @@ def derive(cfg: FtuneConfig) -> list[str]:
     """Settings implied by other settings, applied once after composition; returns notes that
     tell the user what was changed."""
     notes = []
+    if cfg.method.name in NO_PACKING or cfg.stage.name in ("dpo", "rm", "ppo"):
+        cfg.dataset.padding_free = False  # rows cannot be shared (see packing below)
     if cfg.method.name in NO_PACKING and cfg.dataset.packing:
         cfg.dataset.packing = False
         notes.append(f"method={cfg.method.name}: {NO_PACKING[cfg.method.name]}, so rows are not packed "

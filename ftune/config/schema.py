@@ -92,6 +92,12 @@ class DatasetConfig:
     """Tokens per sample (or per packed row); longer samples are truncated with a counted warning."""
     packing: bool = False
     """Pack several samples into each row of max_seq_len tokens, without attention across samples."""
+    padding_free: bool = True
+    """Unpacked micro-batches (packing=false) are laid out without padding: the micro-batch's own
+    samples share rows as wide as its longest sample, position ids restarting per sample and
+    attention kept within each sample. Same samples per step, same loss, no work on pad tokens.
+    false: one right-padded row per sample with an attention mask. Off for methods and stages
+    that cannot share rows (the ones that turn packing off)."""
     train_on: str = "assistant"
     """assistant: loss on assistant tokens only | last: only the last assistant turn | all: every
     token. Stage pt always trains on all tokens."""

@@ -1,9 +1,10 @@
-"""Samples -> padded tensors for one micro-batch."""
+"""Samples -> tensors for one micro-batch: right-padded rows, or padding-free shared rows."""
 
 from __future__ import annotations
 
 import torch
 
+from ftune.data.packing import first_fit, pack_group
 from ftune.data.tokenize import IGNORE
 
 
@@ -28,3 +29,31 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[
     out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
     out["num_tokens"] = torch.tensor(sum(len(s["input_ids"]) for s in samples))
     return out
+
+
+def collate_padding_free(samples: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """The micro-batch's samples packed into shared rows (first-fit, longest first; width from
+    row_width), then collated as packed rows. Unpacked, a micro-batch of samples of mixed
+    lengths is mostly padding (a quarter of the positions on the default data); packed this way
+    only the tails of the last rows are. Already packed rows are collated as they are."""
+    if "position_ids" in samples[0]:
+        return collate(samples, pad_id, pad_to_multiple)
+    width = row_width([len(s["input_ids"]) for s in samples], pad_to_multiple)
+    return collate(pack_group(samples, width), pad_id, pad_to_multiple)
+
+
+ATTENTION_WIDTH = 2048
+"""Row width at which a row's attention (computed over the full square) costs about as much as
+its linear layers, for a 135M Llama (larger models: wider); it prices wider rows."""
+
+
+def row_width(lengths: list[int], multiple: int = 8) -> int:
+    """The row width for padding-free rows: from the longest sample up to twice it, the width
+    whose first-fit rows cost least, counting positions x (1 + width / ATTENTION_WIDTH)."""
+    longest = -(-max(lengths) // multiple) * multiple
+
+    def cost(width: int) -> float:
+        rows = len(first_fit(lengths, width))
+        return rows * width * (1 + width / ATTENTION_WIDTH)
+
+    return min(range(longest, 2 * longest + 1, multiple), key=cost)

@@ -12,6 +12,37 @@ from __future__ import annotations
 from ftune.data.tokenize import IGNORE
 
 
+def _row(samples: list[dict]) -> dict:
+    row = {"input_ids": [], "labels": [], "position_ids": []}
+    for sample in samples:
+        row["input_ids"] += sample["input_ids"]
+        row["labels"] += [IGNORE] + sample["labels"][1:]
+        row["position_ids"] += list(range(len(sample["input_ids"])))
+    return row
+
+
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `width` (first-fit, longest first; an
+    item longer than width gets a row of its own). Each row lists its indices in order."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            free.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        free[slot] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+def pack_group(samples: list[dict], width: int) -> list[dict]:
+    """All of `samples` in as few rows of `width` tokens as first-fit finds, each sample whole."""
+    groups = first_fit([len(s["input_ids"]) for s in samples], width)
+    return [_row([samples[i] for i in group]) for group in groups]
+
+
 def pack(samples: list[dict], max_len: int) -> list[dict]:
     """Greedy, order-preserving packing (deterministic for a given sample order)."""
     rows: list[dict] = []

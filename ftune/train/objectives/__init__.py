@@ -37,8 +37,15 @@ class Objective:
 OBJECTIVES: Registry[Callable[[Any], Objective]] = Registry("objective")
 
 
-def get(stage: Any) -> Objective:
-    """The objective for a stage config (its `objective` names the registry entry)."""
+def get(stage: Any, dataset: Any = None) -> Objective:
+    """The objective for a stage config (its `objective` names the registry entry); with the
+    dataset config, its batch layout too (dataset.padding_free for token-level objectives)."""
+    from dataclasses import replace
+
+    from ftune.data.collate import collate, collate_padding_free
     from ftune.train.objectives import causal_lm, dpo, ppo, reward  # noqa: F401  (registration)
 
-    return OBJECTIVES.get(stage.objective, key="stage.objective")(stage)
+    objective = OBJECTIVES.get(stage.objective, key="stage.objective")(stage)
+    if dataset is not None and getattr(dataset, "padding_free", False) and objective.collate is collate:
+        objective = replace(objective, collate=collate_padding_free)
+    return objective
