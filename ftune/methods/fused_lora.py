@@ -5,7 +5,9 @@ the scaling multiply and the add each sweep the full [tokens x out] output, and 
 their backward sweeps too. Here the adapter's product is accumulated into the frozen product by
 the matmul itself (`addmm`, alpha = scaling), and the backward does the same for the input
 gradient: dx = dy W + (s dy B) A in one accumulate. Only x and the rank-r product x A^T are
-saved. Measured on the default CPU workload (bf16): 1.2-1.3x per adapted layer.
+saved. Measured in isolation (bf16, 512 tokens, r=16, 2 CPU cores): 1.05-1.3x per adapted
+layer, the larger the layer's output the more; 1.03-1.1x on the whole default step, and nothing
+once the layer is compiled (inductor fuses the same sweeps).
 
 The parameters, their names and the adapter files are peft's own: only the forward changes, by
 swapping the class of each eligible layer for a subclass. Anything unusual — several or disabled
