@@ -66,3 +66,41 @@ def test_compiled_cpu_runs_switch_to_matmul_attention_only_when_unset():
     assert compiled.cpu_attention(cfg, torch.device("cuda")) is None
     cfg.model.attn_implementation = "sdpa"
     assert compiled.cpu_attention(cfg, CPU) is None
+
+
+class _Broken(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_compiler_failure_falls_back_to_eager_or_stops_with_the_reason(monkeypatch, strict):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([LlamaDecoderLayer(LlamaConfig(hidden_size=16, intermediate_size=32,
+                                                num_attention_heads=2, num_key_value_heads=1), 0)])
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise _Broken("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(compiled, "compile_errors", lambda: (_Broken,))
+    monkeypatch.setattr(compiled.torch, "compile", broken_compile)
+    net = Net().train()
+    assert compiled.compile_layers(net, strict=strict) == 1
+    layer = net.layers[0]
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    cos, sin = torch.ones(1, 5, 8), torch.zeros(1, 5, 8)
+    if strict:
+        with pytest.raises(FtuneError, match="torch.compile failed"):
+            layer(x, position_embeddings=(cos, sin), attention_mask=None)
+        return
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler found"):
+        out = layer(x, position_embeddings=(cos, sin), attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()
+    assert x.grad is not None

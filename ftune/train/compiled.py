@@ -13,6 +13,7 @@ evaluation and sampling run eagerly, so they never trigger compiles for their ow
 from __future__ import annotations
 
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -84,19 +85,51 @@ def _mark_shapes(hidden: Any, rotary: Any) -> None:
             torch._dynamo.mark_static(t, t.dim() - 1)
 
 
-def compile_layers(model: Any) -> int:
+def compile_errors() -> tuple[type, ...]:
+    """Exception types that mean "torch.compile could not build this", not "the model failed"."""
+    import torch._dynamo.exc as dynamo_exc
+
+    found = [dynamo_exc.BackendCompilerFailed]
+    try:
+        from torch._inductor.exc import InductorError
+
+        found.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def compile_layers(model: Any, strict: bool = False) -> int:
     """Route every decoder layer's training forward through one torch.compile'd function
-    (dynamic shapes: packed and padded batches change length every step). Returns the layers."""
+    (dynamic shapes: packed and padded batches change length every step). Returns the layers.
+
+    A compiler failure (a missing header, an unsupported operator) at the first compiled call
+    switches every layer back to eager with a warning (hardware.compile=auto), or stops the run
+    with the reason (strict: hardware.compile=true). The failed call is retried eagerly: the
+    layer had not run yet."""
     layers = decoder_layers(model)
+    state = {"failed": False}
+    errors = compile_errors()
     for layer in layers:
         eager = layer.forward
         fast = torch.compile(eager, dynamic=True)
 
         def forward(*args: Any, _eager: Any = eager, _fast: Any = fast, _layer: Any = layer, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled() and _layer.training:
-                _mark_shapes(args[0] if args else kwargs.get("hidden_states"), kwargs.get("position_embeddings"))
+            if state["failed"] or not (torch.is_grad_enabled() and _layer.training):
+                return _eager(*args, **kwargs)
+            _mark_shapes(args[0] if args else kwargs.get("hidden_states"), kwargs.get("position_embeddings"))
+            try:
                 return _fast(*args, **kwargs)
-            return _eager(*args, **kwargs)
+            except errors as exc:
+                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                if strict:
+                    from ftune.errors import FtuneError
+
+                    raise FtuneError("hardware.compile=true: torch.compile failed on the decoder layer", [reason],
+                                     "Set hardware.compile=false (or auto, which falls back to eager).") from None
+                state["failed"] = True
+                warnings.warn(f"torch.compile failed ({reason}); training continues uncompiled", stacklevel=2)
+                return _eager(*args, **kwargs)
 
         layer.forward = forward
     return len(layers)
