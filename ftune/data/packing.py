@@ -45,16 +45,13 @@ def pack_group(samples: list[dict], width: int) -> list[dict]:
 
 def pack(samples: list[dict], max_len: int) -> list[dict]:
     """Greedy, order-preserving packing (deterministic for a given sample order)."""
-    rows: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": []}
+    groups: list[list[dict]] = []
+    used = 0
     for sample in samples:
         n = len(sample["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + n > max_len:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += sample["input_ids"]
-        current["labels"] += [IGNORE] + sample["labels"][1:]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        rows.append(current)
-    return rows
+        if not groups or used + n > max_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(sample)
+        used += n
+    return [_row(group) for group in groups]

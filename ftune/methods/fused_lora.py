@@ -17,6 +17,7 @@ runs peft's forward unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -99,7 +100,9 @@ class _FusedForward:
         return _LoraLinear.apply(x, xd, weight, bias, lora_a, lora_b, float(self.scaling[name]))
 
 
-_SUBCLASSES: dict[type, type] = {}
+@functools.cache
+def _fused_class(lora_linear: type) -> type:
+    return type("FusedLoraLinear", (_FusedForward, lora_linear), {})
 
 
 def fuse_lora_layers(model: Any) -> int:
@@ -115,7 +118,6 @@ def fuse_lora_layers(model: Any) -> int:
     for module in model.modules():
         if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
             continue
-        cls = _SUBCLASSES.setdefault(LoraLinear, type("FusedLoraLinear", (_FusedForward, LoraLinear), {}))
-        module.__class__ = cls
+        module.__class__ = _fused_class(LoraLinear)
         n += 1
     return n

@@ -225,7 +225,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if cfg.hardware.fused_ops:
         fuse_lora_layers(model)
     if use_compile:
-        compiled.compile_layers(model, strict=str(cfg.hardware.compile).lower() == "true")
+        compiled.compile_layers(model, strict=cfg.hardware.compile == "true")
         setup.notes += [compile_note] if compile_note else []
     if cfg.stage.name == "dpo":
         from ftune.train.objectives.dpo import prepare_reference
