@@ -2,7 +2,7 @@
 
     python scripts/make_data.py
 
-Writes two files, both built programmatically from hand-checked facts (no network, Python stdlib
+Writes four files, all built programmatically from hand-checked facts (no network, Python stdlib
 only, fixed seeds, so every run produces byte-identical output):
 
 * data/smol-instruct.jsonl: ~600 alpaca rows ({"instruction", "input", "output"}) from 13 task
@@ -11,6 +11,10 @@ only, fixed seeds, so every run produces byte-identical output):
   style within a few minutes of LoRA training and held-out loss drops visibly.
 * data/smol-corpus.jsonl: ~300 {"text"} rows, short paragraphs of true statements built from the
   same facts, for continue-pretraining.
+* data/smol-mc.jsonl and data/smol-qa.jsonl: multiple-choice and short-answer questions on the
+  same facts, for `ftune eval` (eval_tasks/smol-mc.yaml, eval_tasks/smol-qa.yaml).
+
+scripts/make_preferences.py derives smol-prefs.jsonl and smol-feedback.jsonl from smol-instruct.
 """
 
 from __future__ import annotations

@@ -34,3 +34,10 @@ def test_bad_data_row_is_one_clear_error(tiny_overrides, tmp_path):
     assert out.returncode == 2
     assert "row 2" in out.stderr and "output" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("adapter"))
+
+
+def test_python_dash_m_ftune_is_the_cli():
+    out = subprocess.run([sys.executable, "-m", "ftune", "recipes"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "smollm2-lora-sft" in out.stdout

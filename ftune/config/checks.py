@@ -37,7 +37,7 @@ STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
 PPO_REWARDS = ("model", "length", "regex", "reference")
 DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo", "kto")
 # Methods whose model can run with the adapter disabled (the free DPO reference).
-PEFT_METHODS = ("lora", "lora-attn", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
+PEFT_METHODS = ("lora", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
                 "adalora", "vera", "longlora")
 
 

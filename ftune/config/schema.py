@@ -63,7 +63,9 @@ class SourceConfig:
     """A local .json/.jsonl/.csv/.parquet file, `ftune:<file>` for data shipped with ftune, or a
     Hugging Face dataset name (read from the local cache; offline, nothing is downloaded)."""
     format: str = "alpaca"
-    """text | alpaca | qa | messages | sharegpt: how a row becomes a canonical record."""
+    """text | alpaca | qa | messages | sharegpt (SFT and pre-training) | preference (prompt, chosen,
+    rejected) | prompt (prompts only: PPO) | feedback (prompt, completion, label: KTO): how a row
+    becomes a canonical record."""
     columns: dict[str, str] = field(default_factory=dict)
     """Canonical field -> column in this source, e.g. {instruction: prompt, output: completion}."""
     split: str = "train"

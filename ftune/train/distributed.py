@@ -6,7 +6,9 @@
 - Every process composes the same config and runs the same loop; each takes its share of every
   step's micro-batches (trainer.train_step). Rank 0 alone prints and writes files.
 - strategy=fsdp shards with FSDP2 (`fully_shard` per decoder layer, then the whole model), on
-  CUDA (nccl) or CPU (gloo) alike; strategy=ddp/deepspeed go through Accelerate.
+  CUDA (nccl) or CPU (gloo) alike; strategy=ddp goes through Accelerate. strategy=deepspeed
+  composes and prints its launch command, but training with it in several processes is refused
+  for now (train/run.py make_accelerator).
 - Saving gathers full tensors first (FSDP2: DTensor shards; DeepSpeed ZeRO-3: partitioned
   weights), so a saved adapter is complete whatever the strategy.
 """
