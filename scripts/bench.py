@@ -221,8 +221,20 @@ def summarise(runs: list[dict], arms: list[str], peak: float) -> dict:
     for arm, row in out.items():
         if arm != "baseline" and row.get("runs") and base.get("runs"):
             row["speedup_vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["speedup_each_round"] = paired_ratios(runs, arm)
             row["memory_vs_baseline"] = row["peak_memory_gib"] / base["peak_memory_gib"]
     return out
+
+
+def paired_ratios(runs: list[dict], arm: str) -> list[float]:
+    """tokens/s of `arm` over the baseline's in the same round. The arms of a round run back to
+    back, so a slow or fast spell of the machine moves both: their ratio shows the drift the
+    medians of each arm leave in."""
+    by_round = {}
+    for r in runs:
+        if "error" not in r and r["arm"] in (arm, "baseline"):
+            by_round.setdefault(r["round"], {})[r["arm"]] = r["tokens_per_s"]
+    return [round(v[arm] / v["baseline"], 2) for _, v in sorted(by_round.items()) if len(v) == 2]
 
 
 def machine() -> dict:

@@ -26,6 +26,10 @@ def _g(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _rounds(ratios: list[float] | None) -> str:
+    return f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if ratios else ""
+
+
 def results_table(summary: dict, arms: list[str]) -> list[str]:
     lines = ["| arm | tokens/s (median) | each round | vs baseline | peak memory GiB | vs baseline | "
              "model GFLOP/s | utilisation | final loss | mean loss, last 5 | held-out loss after | first step s | "
@@ -38,7 +42,7 @@ def results_table(summary: dict, arms: list[str]) -> list[str]:
             continue
         lines.append(
             f"| {arm} | {r['tokens_per_s']:.1f} | {', '.join(map(str, r['tokens_per_s_each']))} | "
-            f"{_g(r.get('speedup_vs_baseline'))}x | {r['peak_memory_gib']:.2f} | {_g(r.get('memory_vs_baseline'))}x | "
+            f"{_g(r.get('speedup_vs_baseline'))}x{_rounds(r.get('speedup_each_round'))} | {r['peak_memory_gib']:.2f} | {_g(r.get('memory_vs_baseline'))}x | "
             f"{r['model_flops_per_s'] / 1e9:.1f} | {100 * r['utilisation']:.1f}% | {r['final_loss']:.4f} | "
             f"{r['mean_loss_last_k']:.4f} | {_g(r.get('eval_loss_after'), 4)} | "
             f"{', '.join(f'{x:.1f}' for x in r['first_step_seconds_each'])} | "
@@ -161,7 +165,8 @@ def write_report(res: dict) -> str:
         *results_table(summary, arms),
         "",
         f"Peak {peak['dtype']} matmul: **{peak['flops_per_s'] / 1e9:.0f} GFLOP/s** (per round: {per_round}). "
-        "tokens/s counts the non-padding tokens of the timed steps. Peak memory: the whole process's peak "
+        "tokens/s counts the non-padding tokens of the timed steps; vs baseline: the ratio of the medians, "
+        "and in brackets each round's ratio of the two arms' back-to-back runs. Peak memory: the whole process's peak "
         + ("RSS (each run its own process)." if s["device"] == "cpu" else "CUDA memory allocated."),
         "First step s / wall s: every run's untimed first step (one-time costs: "
         + (f"ftune's torch.compile of the decoder layer with hardware.compile={s.get('compile', 'false')}, "
