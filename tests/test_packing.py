@@ -100,3 +100,48 @@ def _sample_lengths(position_ids: list[int]) -> list[int]:
 def test_padding_free_is_off_where_rows_cannot_be_shared(tiny_overrides):
     assert compose([*tiny_overrides, "method=prefix"]).cfg.dataset.padding_free is False
     assert compose([*tiny_overrides, "stage=dpo", "dataset=smol-prefs"]).cfg.dataset.padding_free is False
+
+
+def test_flash_attention_gets_each_micro_batch_as_one_row(tiny_overrides):
+    """transformers' flash-attention 2 reads packed samples from restarting position ids only in a
+    one-row batch: packed and padding-free micro-batches become one row for it, with the loss
+    of the multi-row layout (checked here with SDPA, which reads the restarts on any row count)."""
+    from ftune.data.build import build
+    from ftune.data.collate import collate, collate_padding_free, collate_varlen
+    from ftune.models import load as model_load
+    from ftune.train import objectives
+
+    def chosen(*overrides, attention="flash_attention_2"):
+        cfg = compose([*tiny_overrides, *overrides]).cfg
+        return objectives.get(cfg.stage, cfg.dataset, attention).collate
+
+    assert chosen("dataset.packing=false") is collate_varlen
+    assert chosen("dataset.packing=true", "dataset.padding_free=false") is collate_varlen
+    assert chosen("dataset.packing=false", attention="sdpa") is collate_padding_free
+    # padded rows carry an attention mask, which flash-attention unpads by itself
+    assert chosen("dataset.packing=false", "dataset.padding_free=false") is collate
+    assert chosen("stage=dpo", "dataset=smol-prefs") is chosen("stage=dpo", "dataset=smol-prefs", attention="sdpa")
+
+    cfg = compose([*tiny_overrides, "dataset.packing=false"]).cfg
+    model, tok = model_load.load(cfg, torch.device("cpu"))
+    assert objectives.attention_of(model) in ("sdpa", "eager")
+    model.eval()
+    pad = tok.pad_token_id
+    samples = build(cfg.dataset, "sft", cfg.train.seed, tok).train[:8]
+    longest = max(len(s["input_ids"]) for s in samples)
+    rows = pack(samples, max_len=longest + 8)
+    assert len(rows) > 1
+    for several, micro in ((collate_padding_free(samples, pad), samples), (collate(rows, pad), rows)):
+        one = collate_varlen(micro, pad)
+        assert several["input_ids"].shape[0] > 1 and one["input_ids"].shape[0] == 1
+        assert "attention_mask" not in one and int(one["num_tokens"]) == int(several["num_tokens"])
+        assert _sample_lengths(one["position_ids"][0].tolist())[:len(samples)] == \
+            [len(s["input_ids"]) for s in (samples if micro is samples else _samples_of(rows))]
+        with torch.no_grad():
+            a, n_a = causal_lm(model, several)
+            b, n_b = causal_lm(model, one)
+        assert n_a == n_b and torch.allclose(a, b, rtol=1e-5)
+
+
+def _samples_of(rows: list[dict]) -> list[dict]:
+    return [{"input_ids": [0] * n} for r in rows for n in _sample_lengths(r["position_ids"])]

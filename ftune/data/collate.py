@@ -42,6 +42,19 @@ def collate_padding_free(samples: list[dict], pad_id: int, pad_to_multiple: int 
     return collate(pack_group(samples, width), pad_id, pad_to_multiple)
 
 
+def collate_varlen(samples: list[dict], pad_id: int, pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """The whole micro-batch as ONE row of sample after sample (packed rows joined end to end,
+    or unpacked samples packed whole), position ids restarting per sample, no attention mask.
+
+    For flash-attention 2: transformers runs its variable-length kernel (each sample attends only
+    to itself, no padding computed) from restarting position ids only when the batch has a single
+    row; with several rows it would run plain causal attention over each row, across the samples
+    packed into it. One row costs nothing here: the kernel's work is per sample."""
+    rows = samples if "position_ids" in samples[0] else pack_group(samples, sum(len(s["input_ids"]) for s in samples))
+    joined = {key: [v for row in rows for v in row[key]] for key in ("input_ids", "labels", "position_ids")}
+    return collate([joined], pad_id, pad_to_multiple)
+
+
 ATTENTION_WIDTH = 2048
 """Row width at which a row's attention (computed over the full square) costs about as much as
 its linear layers, for a 135M Llama (larger models: wider); it prices wider rows."""

@@ -2,9 +2,11 @@
 
 Each packed row carries position_ids that restart at 0 for every sample. transformers reads such
 position ids (with no attention mask) as packed sequences: SDPA/eager get a block-diagonal causal
-mask and flash-attention its varlen kernel. The first token of each sample gets label -100, so no
-sample is asked to predict its first token from the previous sample: the packed loss equals the
-unpacked loss on the same samples (tests/test_packing.py).
+mask, and flash-attention its variable-length kernel (which transformers runs only for a one-row
+batch: with flash-attention 2 a micro-batch's rows are joined into one, data/collate.collate_varlen).
+The first token of each sample gets label -100, so no sample is asked to
+predict its first token from the previous sample: the packed loss equals the unpacked loss on the
+same samples (tests/test_packing.py).
 """
 
 from __future__ import annotations

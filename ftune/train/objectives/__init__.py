@@ -37,15 +37,27 @@ class Objective:
 OBJECTIVES: Registry[Callable[[Any], Objective]] = Registry("objective")
 
 
-def get(stage: Any, dataset: Any = None) -> Objective:
+def get(stage: Any, dataset: Any = None, attention: str | None = None) -> Objective:
     """The objective for a stage config (its `objective` names the registry entry); with the
-    dataset config, its batch layout too (dataset.padding_free for token-level objectives)."""
+    dataset config, its batch layout too (dataset.padding_free for token-level objectives), and
+    with the model's attention implementation, the layout that kernel needs: flash-attention 2
+    gets packed or padding-free micro-batches as one row (collate_varlen)."""
     from dataclasses import replace
 
-    from ftune.data.collate import collate, collate_padding_free
+    from ftune.data.collate import collate, collate_padding_free, collate_varlen
     from ftune.train.objectives import causal_lm, dpo, ppo, reward  # noqa: F401  (registration)
 
     objective = OBJECTIVES.get(stage.objective, key="stage.objective")(stage)
-    if dataset is not None and getattr(dataset, "padding_free", False) and objective.collate is collate:
-        objective = replace(objective, collate=collate_padding_free)
+    if dataset is None or objective.collate is not collate:
+        return objective
+    rows_share = getattr(dataset, "padding_free", False) or getattr(dataset, "packing", False)
+    if attention == "flash_attention_2" and rows_share:
+        return replace(objective, collate=collate_varlen)
+    if getattr(dataset, "padding_free", False):
+        return replace(objective, collate=collate_padding_free)
     return objective
+
+
+def attention_of(model: Any) -> str | None:
+    """The attention implementation a (possibly adapter-wrapped) transformers model runs."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
