@@ -93,6 +93,8 @@ def same_recipe(cfg: FtuneConfig, run_dir: Path) -> None:
         return
     import yaml
 
+    # Plain YAML, not the typed loader of models/runs: only a few keys are compared, and a
+    # config.yaml written by an older ftune (keys since renamed or added) must still resume.
     try:
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError:
