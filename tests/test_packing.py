@@ -141,6 +141,11 @@ def test_flash_attention_gets_each_micro_batch_as_one_row(tiny_overrides):
             a, n_a = causal_lm(model, several)
             b, n_b = causal_lm(model, one)
         assert n_a == n_b and torch.allclose(a, b, rtol=1e-5)
+    # run.py asks after the method is applied: the adapter-wrapped model must still answer
+    from ftune.methods import Setup, apply
+
+    wrapped = apply(model, cfg, Setup(total_steps=1, model_path="tiny"))
+    assert objectives.attention_of(wrapped) == objectives.attention_of(model) is not None
 
 
 def _samples_of(rows: list[dict]) -> list[dict]:
