@@ -53,7 +53,7 @@ def setup(overrides: list[str]) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     return {"cfg": cfg, "model": model, "optimizer": optimizer, "scheduler": scheduler, "accelerator": accelerator,
-            "objective": objectives.get(cfg.stage, cfg.dataset, objectives.attention_of(model)), "train": data.train, "pad_id": tokenizer.pad_token_id,
+            "objective": objectives.get(cfg.stage, cfg.dataset, model), "train": data.train, "pad_id": tokenizer.pad_token_id,
             "order": DataOrder(len(data.train), cfg.train.micro_batch_size, cfg.train.seed)}
 
 

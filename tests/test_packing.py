@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -113,7 +115,8 @@ def test_flash_attention_gets_each_micro_batch_as_one_row(tiny_overrides):
 
     def chosen(*overrides, attention="flash_attention_2"):
         cfg = compose([*tiny_overrides, *overrides]).cfg
-        return objectives.get(cfg.stage, cfg.dataset, attention).collate
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+        return objectives.get(cfg.stage, cfg.dataset, model).collate
 
     assert chosen("dataset.packing=false") is collate_varlen
     assert chosen("dataset.packing=true", "dataset.padding_free=false") is collate_varlen
@@ -135,8 +138,8 @@ def test_flash_attention_gets_each_micro_batch_as_one_row(tiny_overrides):
         one = collate_varlen(micro, pad)
         assert several["input_ids"].shape[0] > 1 and one["input_ids"].shape[0] == 1
         assert "attention_mask" not in one and int(one["num_tokens"]) == int(several["num_tokens"])
-        assert _sample_lengths(one["position_ids"][0].tolist())[:len(samples)] == \
-            [len(s["input_ids"]) for s in (samples if micro is samples else _samples_of(rows))]
+        # pack() keeps the sample order, so both layouts list the samples in order
+        assert _sample_lengths(one["position_ids"][0].tolist())[:len(samples)] == [len(s["input_ids"]) for s in samples]
         with torch.no_grad():
             a, n_a = causal_lm(model, several)
             b, n_b = causal_lm(model, one)
@@ -146,7 +149,3 @@ def test_flash_attention_gets_each_micro_batch_as_one_row(tiny_overrides):
 
     wrapped = apply(model, cfg, Setup(total_steps=1, model_path="tiny"))
     assert objectives.attention_of(wrapped) == objectives.attention_of(model) is not None
-
-
-def _samples_of(rows: list[dict]) -> list[dict]:
-    return [{"input_ids": [0] * n} for r in rows for n in _sample_lengths(r["position_ids"])]

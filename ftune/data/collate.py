@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftune.data.packing import first_fit, pack_group
+from ftune.data.packing import first_fit, pack, pack_group
 from ftune.data.tokenize import IGNORE
 
 
@@ -50,7 +50,7 @@ def collate_varlen(samples: list[dict], pad_id: int, pad_to_multiple: int = 8) -
     to itself, no padding computed) from restarting position ids only when the batch has a single
     row; with several rows it would run plain causal attention over each row, across the samples
     packed into it. One row costs nothing here: the kernel's work is per sample."""
-    rows = samples if "position_ids" in samples[0] else pack_group(samples, sum(len(s["input_ids"]) for s in samples))
+    rows = samples if "position_ids" in samples[0] else pack(samples, sum(len(s["input_ids"]) for s in samples))
     joined = {key: [v for row in rows for v in row[key]] for key in ("input_ids", "labels", "position_ids")}
     return collate([joined], pad_id, pad_to_multiple)
 

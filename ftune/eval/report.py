@@ -189,7 +189,7 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
 
     cfg, stage, out = sub.cfg, sub.cfg.stage.name, {}
     if stage != "ppo" and data is not None and data.eval:
-        loss, metrics = evaluate_all(model, objectives.get(cfg.stage, cfg.dataset, objectives.attention_of(model)), data.eval, cfg.train.micro_batch_size,
+        loss, metrics = evaluate_all(model, objectives.get(cfg.stage, cfg.dataset, model), data.eval, cfg.train.micro_batch_size,
                                      tokenizer.pad_token_id, accelerator)
         out.update(loss=loss, metrics=metrics)
         if stage in ("pt", "sft"):

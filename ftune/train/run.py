@@ -235,7 +235,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         with console.status("reference log-probs"):
             note = prepare_reference(cfg, model, data, tokenizer.pad_token_id, device, accelerator)
         setup.notes += [note] if note else []
-    objective = objectives.get(cfg.stage, cfg.dataset, objectives.attention_of(model))
+    objective = objectives.get(cfg.stage, cfg.dataset, model)
     if objective.wrap_model is not None:  # rm: a reward head; ppo: a value head (trained too)
         model = objective.wrap_model(model)
     for note in [*composed.notes, *setup.notes]:

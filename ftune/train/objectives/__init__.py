@@ -37,11 +37,11 @@ class Objective:
 OBJECTIVES: Registry[Callable[[Any], Objective]] = Registry("objective")
 
 
-def get(stage: Any, dataset: Any = None, attention: str | None = None) -> Objective:
+def get(stage: Any, dataset: Any = None, model: Any = None) -> Objective:
     """The objective for a stage config (its `objective` names the registry entry); with the
     dataset config, its batch layout too (dataset.padding_free for token-level objectives), and
-    with the model's attention implementation, the layout that kernel needs: flash-attention 2
-    gets packed or padding-free micro-batches as one row (collate_varlen)."""
+    with the model, the layout its attention kernel needs: flash-attention 2 gets packed or
+    padding-free micro-batches as one row (collate_varlen)."""
     from dataclasses import replace
 
     from ftune.data.collate import collate, collate_padding_free, collate_varlen
@@ -51,7 +51,7 @@ def get(stage: Any, dataset: Any = None, attention: str | None = None) -> Object
     if dataset is None or objective.collate is not collate:
         return objective
     rows_share = getattr(dataset, "padding_free", False) or getattr(dataset, "packing", False)
-    if attention == "flash_attention_2" and rows_share:
+    if attention_of(model) == "flash_attention_2" and rows_share:
         return replace(objective, collate=collate_varlen)
     if getattr(dataset, "padding_free", False):
         return replace(objective, collate=collate_padding_free)
