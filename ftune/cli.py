@@ -244,12 +244,15 @@ def key_values(items: list[str], keys: tuple[str, ...]) -> dict[str, str]:
 def plan(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Estimate peak memory per device for the composed recipe (loads no model), and what would fit."""
     from ftune.config.compose import compose
-    from ftune.plan import GIB, estimate, knobs, model_shape, render
+    from ftune.plan import GIB, checkpoint_note, knobs, model_shape, render, resolve_checkpointing
 
     cfg = compose(overrides or []).cfg
     shape = model_shape(cfg)
-    est = estimate(cfg, shape)
+    layers, est = resolve_checkpointing(cfg, shape)
     console.print(render(est))
+    if layers:
+        console.print(f"  {checkpoint_note(layers, shape.layers)} (train.gradient_checkpointing="
+                      f"{cfg.train.gradient_checkpointing})")
     if not est.fits:
         console.print(f"[red]does not fit[/]: {est.total / GIB:.1f} GiB > {est.available / GIB:.1f} GiB")
         for fix in knobs(cfg, shape) or ["no single change found"]:

@@ -37,10 +37,12 @@ GIB = 2 ** 30
 # Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
 # activations and logits are negligible — Python, torch, transformers, peft, accelerate, data.
 CPU_RUNTIME = 0.53 * GIB
-# Bytes per attention score kept on CPU (fitted to measured peak RSS, docs/memory.md).
-CPU_SCORE_BYTES = 6
 # CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
 CUDA_RUNTIME = 0.8 * GIB
+# train.gradient_checkpointing=auto aims below this share of the device's memory: the estimate is
+# within ~10% on the calibrated runs (docs/memory.md), and a run killed for memory costs more
+# than a few recomputed layers.
+AUTO_HEADROOM = 0.9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -171,7 +173,49 @@ class Estimate:
         return self.available <= 0 or self.total <= self.available
 
 
-def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None) -> Estimate:
+def checkpoint_mode(value: Any) -> str:
+    """train.gradient_checkpointing as written: "false", "true", "auto" or a layer count ("12")."""
+    return str(value).strip().lower()
+
+
+def fixed_checkpointed_layers(value: Any, layers: int) -> int | None:
+    """Decoder layers recomputed in the backward pass for false | true | N; None for auto."""
+    mode = checkpoint_mode(value)
+    if mode == "auto":
+        return None
+    if mode == "true":
+        return layers
+    if mode == "false":
+        return 0
+    return min(int(mode), layers)  # config checks admit only digits here
+
+
+def resolve_checkpointing(cfg: Any, shape: Shape | None = None, trainable: int | None = None
+                          ) -> tuple[int, Estimate]:
+    """(decoder layers to recompute, the estimate with them) for train.gradient_checkpointing.
+
+    auto: none when the run fits in AUTO_HEADROOM of the device's memory, else the fewest layers
+    that make it fit (each recomputed layer keeps only its input: activation memory falls
+    linearly, compute grows by about one forward of that layer). At most all layers but the
+    last: its backward comes first, so recomputing it would rebuild at once what it saved. When
+    nothing fits, that many (the preflight then refuses and lists other changes)."""
+    shape = shape or model_shape(cfg)
+    trainable = trainable_params(cfg, shape) if trainable is None else trainable
+    fixed = fixed_checkpointed_layers(cfg.train.gradient_checkpointing, shape.layers)
+    if fixed is not None:
+        return fixed, estimate(cfg, shape, trainable, fixed)
+    est = estimate(cfg, shape, trainable, 0)
+    for k in range(max(1, shape.layers)):
+        est = est if k == 0 else estimate(cfg, shape, trainable, k)
+        if est.available <= 0 or est.total <= AUTO_HEADROOM * est.available:
+            return k, est
+    return max(0, shape.layers - 1), est
+
+
+def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
+             checkpointed: int | None = None) -> Estimate:
+    """Peak memory per process. checkpointed: decoder layers recomputed in the backward pass
+    (default: what train.gradient_checkpointing fixes; none for auto, see resolve_checkpointing)."""
     from ftune.config.checks import world_size
     from ftune.models.load import weight_dtype
 
@@ -215,32 +259,53 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None)
     abytes = 2 if hw.precision in ("bf16", "fp16") else 4
     per_token_layer = 6 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate
     attn = _attention(cfg, cuda)
-    layers_kept = 1 if tr.gradient_checkpointing else shape.layers
-    if tr.gradient_checkpointing:
-        acts = tokens * abytes * (shape.layers * shape.hidden + per_token_layer)
-    else:
-        acts = tokens * abytes * shape.layers * per_token_layer
-    # Attention score matrices: eager attention keeps scores and probabilities; so does SDPA on CPU
-    # when a mask is given (padding, packing), which takes the math path there. Measured on CPU:
-    # ~6 bytes per score (fp32 scores + bf16 probabilities; docs/memory.md).
+    if checkpointed is None:
+        checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
+    # A recomputed layer keeps only its input; the backward pass rebuilds its tensors one layer at a
+    # time. The recomputed layers are the first ones, whose backward runs last: by then the other
+    # layers have freed theirs, so the peak holds max(1, layers - checkpointed) layers' tensors.
+    layers_kept = max(1, shape.layers - checkpointed)
+    acts = tokens * abytes * (checkpointed * shape.hidden + layers_kept * per_token_layer)
+    # Attention: eager attention keeps each layer's probabilities and scores. SDPA on CPU runs its
+    # flash kernel even with a mask (padding, packed rows), keeping no scores, but it saves the
+    # mask converted to the compute dtype, [rows x 1 x seq x seq] per layer. SDPA and
+    # flash-attention on CUDA keep neither.
     scores = 0.0
     if attn == "eager":
         scores = tokens * shape.heads * ds.max_seq_len * 2 * abytes * layers_kept
     elif not cuda:
-        scores = tokens * shape.heads * ds.max_seq_len * CPU_SCORE_BYTES * layers_kept
-    logits = tokens * shape.vocab * (abytes + 4 + 4)
+        scores = tokens * ds.max_seq_len * abytes * layers_kept
+    logits = _logits_bytes(cfg, tokens, shape, abytes, full)
     runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
              "activations": acts, "attention scores": scores, "logits": logits, "runtime": runtime}
     if not cuda:
-        # A checkpoint converted while loading (fp32 file -> bf16 weights) stays in the process's
-        # peak resident memory (measured; docs/memory.md).
-        parts["loading"] = _conversion_bytes(cfg, wbytes, full)
+        # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
+        # the model has loaded: the process's peak is the larger of loading and training, so only
+        # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
+        training = master + grads + optim + acts + scores + logits
+        parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
     est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
                      f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
     return est
+
+
+def _logits_bytes(cfg: Any, tokens: int, shape: Shape, abytes: int, full: bool) -> float:
+    """The output layer's share. Stages pt/sft apply it only to target positions, CHUNK rows at a
+    time with the gradient made in the same pass (train/objectives/causal_lm.py): one chunk's logits
+    in the compute dtype and in fp32, all positions counted as targets (continued pretraining), plus
+    the head's fp32 gradient when the head trains. Other stages and heads (a trained head in
+    modules_to_save, FSDP-sharded weights) build all logits, their fp32 copy and its gradient."""
+    from ftune.train.objectives.causal_lm import CHUNK
+
+    chunked = cfg.stage.name in ("pt", "sft") and not getattr(cfg.method, "modules_to_save", None) \
+        and not (cfg.hardware.strategy == "fsdp")
+    if not chunked:
+        return tokens * shape.vocab * (abytes + 4 + 4)
+    head_grad = shape.vocab * shape.hidden * 4 if full else 0
+    return min(tokens, CHUNK) * shape.vocab * (abytes + 4) + head_grad
 
 
 def _conversion_bytes(cfg: Any, wbytes: int, full: bool) -> float:
@@ -271,6 +336,12 @@ def _attention(cfg: Any, cuda: bool) -> str:
         return cfg.model.attn_implementation
     if cfg.hardware.attn_implementation != "auto":
         return cfg.hardware.attn_implementation
+    from ftune.train.compiled import AUTO_MIN_STEPS
+
+    compiles = str(cfg.hardware.compile).lower() == "true" or (
+        str(cfg.hardware.compile).lower() == "auto" and cfg.train.max_steps >= AUTO_MIN_STEPS)
+    if not cuda and compiles:  # a compiled CPU run switches to matmul-softmax attention (train/compiled.py)
+        return "eager"
     return "sdpa"
 
 
@@ -305,8 +376,8 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
 
     tries: list[tuple[str, Any]] = []
     tr, hw = cfg.train, cfg.hardware
-    if not tr.gradient_checkpointing:
-        change("train.gradient_checkpointing=true", train__gradient_checkpointing=True)
+    if checkpoint_mode(tr.gradient_checkpointing) not in ("true", "auto"):  # auto has tried it already
+        change("train.gradient_checkpointing=auto", train__gradient_checkpointing="auto")
     if tr.micro_batch_size > 1:
         mbs = max(1, tr.micro_batch_size // 2)
         change(f"train.micro_batch_size={mbs} train.grad_accum={tr.grad_accum * 2}", train__micro_batch_size=mbs)
@@ -322,11 +393,18 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
         change("hardware=deepspeed-zero3-offload", hardware__strategy="deepspeed", hardware__zero_stage=3,
                hardware__offload_optimizer=True, hardware__offload_params=True)
     out = []
+    trainable = trainable_params(cfg, shape)
     for label, other in tries:
-        e = estimate(other, shape, trainable_params(cfg, shape))
+        layers, e = resolve_checkpointing(other, shape, trainable)
         if e.fits:
-            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB")
+            auto = checkpoint_mode(other.train.gradient_checkpointing) == "auto" and layers
+            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB" + (f" (checkpointing {layers} layer{'s' if layers > 1 else ''})" if auto else ""))
     return out
+
+
+def checkpoint_note(layers: int, total: int) -> str:
+    return (f"gradient checkpointing on {layers} of {total} decoder layers" if layers < total
+            else "gradient checkpointing on every decoder layer")
 
 
 def render(est: Estimate) -> str:
@@ -347,13 +425,14 @@ def preflight(cfg: Any, console: Any, force: bool) -> Estimate | None:
         return None
     try:
         shape = model_shape(cfg)
-        est = estimate(cfg, shape)
+        layers, est = resolve_checkpointing(cfg, shape)
     except FtuneError as exc:
         console.print(f"[yellow]note:[/] memory preflight skipped: {exc.title}")
         return None
     if est.fits:
         console.print(f"memory preflight: {est.total / GIB:.2f} GiB per process"
-                      + (f" of {est.available / GIB:.1f} GiB" if est.available else ""))
+                      + (f" of {est.available / GIB:.1f} GiB" if est.available else "")
+                      + (f"; {checkpoint_note(layers, shape.layers)}" if layers else ""))
         return est
     if force:
         console.print(f"[yellow]warning:[/] estimated {est.total / GIB:.1f} GiB per process, "

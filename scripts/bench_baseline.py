@@ -58,7 +58,7 @@ def sft_config(cfg: Any, s: Settings, output_dir: str) -> Any:
         warmup_steps=warmup, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm, seed=t.seed,
         bf16=cfg.hardware.precision == "bf16", fp16=cfg.hardware.precision == "fp16", use_cpu=s.device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing, max_length=cfg.dataset.max_seq_len,
+        gradient_checkpointing=t.gradient_checkpointing == "true", max_length=cfg.dataset.max_seq_len,
         # Sequential: the dataset is already in ftune's step order (same rows in the same steps).
         train_sampling_strategy="sequential",
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,

@@ -63,7 +63,7 @@ def ftune_overrides(s: Settings, packed: bool, output_dir: str = "outputs", run_
     return [f"recipe={s.recipe}", f"hardware={hardware}", f"train.max_steps={s.steps}",
             f"dataset.max_seq_len={s.seq_len}", f"dataset.packing={'true' if packed else 'false'}",
             f"train.micro_batch_size={s.packed_batch if packed else s.batch}", f"train.grad_accum={s.grad_accum}",
-            f"hardware.compile={s.compile}",
+            f"hardware.compile={s.compile}", "train.gradient_checkpointing=false",  # as the baseline: no recompute
             "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0", "train.tensorboard=false",
             f"train.output_dir={output_dir}", f"train.run_name={run_name}"]
 

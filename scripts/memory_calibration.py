@@ -29,7 +29,11 @@ CONFIGS = {
     "default lora (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512"],
     "default full fine-tune (mbs 4, seq 256)": ["method=full", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
     "default qlora (mbs 4, seq 256)": ["method=qlora", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
-    # Not used to fit CPU_RUNTIME / CPU_SCORE_BYTES (held out):
+    "default lora, compiled (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
+                                                "hardware.compile=true"],
+    "default lora, 12 of 30 layers recomputed (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512",
+                                                                  "train.gradient_checkpointing=12"],
+    # Not used to fit CPU_RUNTIME (held out):
     "held out: default lora (mbs 2, seq 1024)": ["train.micro_batch_size=2", "dataset.max_seq_len=1024"],
     "held out: default full + checkpointing (mbs 8, seq 256)": ["method=full", "train.micro_batch_size=8",
                                                                "dataset.max_seq_len=256", "train.gradient_checkpointing=true"],

@@ -79,8 +79,9 @@ def _derive_scale_out(cfg: FtuneConfig) -> list[str]:
     process count. Keep the global batch (micro_batch_size x grad_accum rows) when it divides;
     otherwise grow grad_accum and say so."""
     hw, tr, notes = cfg.hardware, cfg.train, []
-    if hw.activation_checkpointing and not tr.gradient_checkpointing:
-        tr.gradient_checkpointing = True
+    tr.gradient_checkpointing = str(tr.gradient_checkpointing).strip().lower()  # YAML `true` arrives as "True"
+    if hw.activation_checkpointing and tr.gradient_checkpointing in ("auto", "false"):
+        tr.gradient_checkpointing = "true"
     world = world_size(cfg)
     if world > 1 and hw.strategy == "none":
         hw.strategy = "ddp"
@@ -344,6 +345,10 @@ def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:
     for key in ("warmup_steps", "eval_every", "save_every", "sample_max_new_tokens"):
         _positive(problems, f"train.{key}", getattr(t, key), allow_zero=True)
     _positive(problems, "train.log_every", t.log_every)
+    gc = str(t.gradient_checkpointing).strip().lower()
+    if gc not in ("auto", "true", "false") and not gc.isdigit():
+        problems.append(f"train.gradient_checkpointing must be auto, true, false or a number of decoder layers "
+                        f"to recompute (got {t.gradient_checkpointing!r})")
     if t.resume.lower() == "true" and not t.run_name:
         problems.append("train.resume=true needs train.run_name (the run to continue), or give resume=<run or "
                         "checkpoint path>")

@@ -340,8 +340,12 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """A step whose loss or gradient norm is NaN/inf: stop (with the step and rows reported; the last
     checkpoint stays the newest) or skip (no update, counted and reported at the end)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: str = "auto"
+    """auto | true | false | N: recompute decoder layers' activations in the backward pass instead
+    of keeping them (each recomputed layer keeps only its input: less memory, about one more
+    forward of that layer). true: every layer; N: the first N layers; auto: none when the memory
+    preflight's estimate fits in 90% of the device's memory, else the fewest layers that make it
+    fit (`ftune plan` shows the choice). A hardware profile with activation_checkpointing sets true."""
     eval_every: int = 0
     """Held-out evaluation every N steps (0: only before and after training)."""
     log_every: int = 1

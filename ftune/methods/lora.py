@@ -75,5 +75,5 @@ def apply_qlora(model: Any, cfg: Any, setup: Any = None) -> Any:
     from peft import prepare_model_for_kbit_training
 
     keep_4bit_layers_differentiable(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(setup and setup.checkpointed_layers))
     return apply_lora(model, cfg)

@@ -32,7 +32,7 @@ from ftune.methods.fused_lora import fuse_lora_layers
 from ftune.methods.peft_methods import keep_activation_dtype
 from ftune.methods.saving import output_name, save_trained
 from ftune.models import load as model_load
-from ftune.train import checkpoint, compiled, distributed, objectives, stopping
+from ftune.train import checkpoint, checkpointing, compiled, distributed, objectives, stopping
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
 from ftune.train.heads import WithScalarHead, save_head, unwrap_head
@@ -198,6 +198,11 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
     # Model before data: the tokenizer decides the tokens. Data before the method: a data error
     # should not cost the time of building adapters.
+    recompute, recompute_note = checkpointing.layers_for_run(cfg) if main else (0, None)
+    if distributed.world() > 1:  # auto reads rank 0's free memory: one decision for all
+        from accelerate.utils import broadcast_object_list
+
+        recompute, recompute_note = broadcast_object_list([recompute, recompute_note], from_process=0)
     with console.status("loading model"):
         model, tokenizer = model_load.load(cfg, device)
     with console.status("tokenising data"), accelerator.main_process_first():  # rank 0 fills the cache
@@ -212,16 +217,17 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         (run_dir / "data_stats.json").write_text(safety.redact(json.dumps(data.stats, indent=2)))
     _report_data(console, data.stats, cfg)
 
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing.enable(model, recompute)
     steps = run_steps(cfg, len(data.train))
     use_compile, compile_note = compiled.wanted(cfg.hardware, steps, device)
     attention = compiled.cpu_attention(cfg, device) if use_compile else None
     if attention:
         model.set_attn_implementation(attention)
     base_path = model.name_or_path
-    setup = Setup(total_steps=steps, model_path=base_path)
+    setup = Setup(total_steps=steps, model_path=base_path, checkpointed_layers=recompute)
     model = apply_method(model, cfg, setup)
+    recompute = checkpointing.restrict(model, recompute)  # after the method: peft/qlora may enable all
+    setup.notes += [recompute_note] if recompute_note else []
     if cfg.hardware.precision in ("bf16", "fp16"):  # autocast casts adapter inputs itself
         keep_activation_dtype(model)
     if cfg.hardware.fused_ops:
@@ -315,7 +321,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
         "tokens_per_s_steady": steady_tokens_per_s(state),
         "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
         **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
-        "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3), **method_results,
+        "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3),
+        "checkpointed_layers": recompute, **method_results,
         **({"eval_metrics_before": state.eval_metrics_before, "eval_metrics_after": eval_metrics_after}
            if eval_metrics_after else {}),
     }

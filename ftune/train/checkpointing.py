@@ -1,0 +1,58 @@
+"""Gradient checkpointing on all, some or none of the decoder layers (train.gradient_checkpointing).
+
+A recomputed layer keeps only its input during the forward pass and runs its forward again in the
+backward pass: its activation memory drops to one [tokens x hidden] tensor at the price of about
+one more forward of that layer. `auto` recomputes only as many layers as the memory estimate needs
+(ftune/plan.py, resolve_checkpointing), so a run that fits pays nothing and one that nearly fits
+pays for a few layers instead of all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftune.errors import FtuneError
+
+
+def layers_for_run(cfg: Any) -> tuple[int, str | None]:
+    """(decoder layers to recompute, a note for the user), decided before the model loads (the
+    estimate counts the weights; the device's free memory must not have lost them already)."""
+    from ftune import plan
+
+    mode = plan.checkpoint_mode(cfg.train.gradient_checkpointing)
+    if mode != "auto":  # -1: every layer, counted once the model is loaded
+        return {"false": 0, "true": -1}.get(mode) if mode in ("false", "true") else int(mode), None
+    try:
+        shape = plan.model_shape(cfg)
+        layers, est = plan.resolve_checkpointing(cfg, shape)
+    except FtuneError as exc:
+        return 0, f"train.gradient_checkpointing=auto: off (no memory estimate: {exc.title})"
+    if not layers:
+        return 0, None
+    return layers, (f"train.gradient_checkpointing=auto: {plan.checkpoint_note(layers, shape.layers)} "
+                    f"(estimated {est.total / plan.GIB:.1f} GiB of {est.available / plan.GIB:.1f} GiB)")
+
+
+def enable(model: Any, layers: int) -> None:
+    """Turn checkpointing on for the model (before the method wraps it: quantised bases and peft
+    prepare their inputs for it); restrict() then picks the layers."""
+    if layers:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def restrict(model: Any, layers: int) -> int:
+    """Recompute only the first `layers` decoder layers (-1: all); returns how many recompute.
+
+    transformers reads a per-layer `gradient_checkpointing` flag at every call, so the others run
+    their plain forward and keep their activations."""
+    from ftune.train.distributed import decoder_layers
+
+    if not layers:
+        return 0
+    blocks = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
+    if not blocks:  # a model that checkpoints at the model level: all layers, as enable() set it
+        return layers
+    keep = len(blocks) if layers < 0 else min(layers, len(blocks))
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i < keep
+    return keep

@@ -1,0 +1,106 @@
+"""Gradient checkpointing on all, some or none of the decoder layers: the chosen layers really
+recompute (and only they), training gives the same losses either way, and `auto` recomputes the
+fewest layers that make the memory estimate fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftune.config.compose import compose
+from ftune.errors import FtuneError
+from ftune.plan import AUTO_HEADROOM, GIB, estimate, knobs, model_shape, resolve_checkpointing
+from ftune.train import checkpointing
+from ftune.train.run import train
+
+
+def _tiny_llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def _mlp_calls_in_one_step(model) -> list[int]:
+    """How often each layer's MLP ran in one forward + backward: 2 where the layer was recomputed."""
+    calls = [0] * len(model.model.layers)
+
+    def counted(i, forward):
+        def run(*args, **kwargs):
+            calls[i] += 1
+            return forward(*args, **kwargs)
+        return run
+
+    for i, layer in enumerate(model.model.layers):  # forward itself: hooks do not fire in the recompute
+        layer.mlp.forward = counted(i, layer.mlp.forward)
+    model.train()
+    ids = torch.randint(0, 64, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return calls
+
+
+@pytest.mark.parametrize("layers, expected", [(0, [1, 1, 1]), (2, [2, 2, 1]), (-1, [2, 2, 2]), (7, [2, 2, 2])])
+def test_only_the_chosen_layers_recompute(layers, expected):
+    model = _tiny_llama()
+    checkpointing.enable(model, layers)
+    assert checkpointing.restrict(model, layers) == sum(c == 2 for c in expected)
+    assert _mlp_calls_in_one_step(model) == expected
+
+
+def test_values_are_read_and_bad_ones_named(tiny_overrides):
+    assert compose([*tiny_overrides]).cfg.train.gradient_checkpointing == "auto"
+    assert compose([*tiny_overrides, "train.gradient_checkpointing=True"]).cfg.train.gradient_checkpointing == "true"
+    assert compose([*tiny_overrides, "train.gradient_checkpointing=3"]).cfg.train.gradient_checkpointing == "3"
+    assert checkpointing.layers_for_run(compose([*tiny_overrides, "train.gradient_checkpointing=3"]).cfg) == (3, None)
+    with pytest.raises(FtuneError) as err:
+        compose([*tiny_overrides, "train.gradient_checkpointing=sometimes"])
+    assert any("train.gradient_checkpointing" in p and "sometimes" in p for p in err.value.problems)
+
+
+def _memory_for(cfg, layers: int) -> float:
+    """hardware.memory_gib at which `auto` must recompute exactly `layers` layers."""
+    return estimate(cfg, checkpointed=layers).total / AUTO_HEADROOM / GIB * 1.0001
+
+
+def test_auto_recomputes_the_fewest_layers_that_fit(tiny_overrides):
+    cfg = compose([*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]).cfg
+    shape = model_shape(cfg)
+    totals = [estimate(cfg, checkpointed=k).total for k in range(shape.layers + 1)]
+    # Each recomputed layer saves memory, except the last layer: its backward comes first, so its
+    # recompute would hold at once what it saved (plus its input).
+    assert totals[:-1] == sorted(totals[:-1], reverse=True) and totals[0] > totals[-2] < totals[-1]
+    for layers in range(shape.layers):
+        cfg.hardware.memory_gib = _memory_for(cfg, layers)
+        got, est = resolve_checkpointing(cfg, shape)
+        assert got == layers and est.fits
+    cfg.hardware.memory_gib = totals[-2] / GIB * 0.5  # nothing fits: all but the last, and the preflight refuses
+    got, est = resolve_checkpointing(cfg, shape)
+    assert got == shape.layers - 1 and not est.fits
+    cfg.train.gradient_checkpointing = "false"  # a fixed choice is kept, fit or not
+    assert resolve_checkpointing(cfg, shape)[0] == 0
+
+
+def test_knobs_offer_checkpointing_only_when_auto_has_not_tried_it(tiny_overrides):
+    over = [*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]
+    cfg = compose([*over, "train.gradient_checkpointing=false"]).cfg
+    cfg.hardware.memory_gib = _memory_for(cfg, 1)
+    assert any(f.startswith("train.gradient_checkpointing=auto") and "(checkpointing 1 layer)" in f for f in knobs(cfg, model_shape(cfg)))
+    cfg.train.gradient_checkpointing = "auto"
+    assert resolve_checkpointing(cfg)[1].fits  # auto fits by itself: nothing to suggest about it
+    assert not any("gradient_checkpointing" in f for f in knobs(cfg, model_shape(cfg)))
+
+
+def test_auto_run_recomputes_what_the_estimate_needs_and_learns_the_same(tiny_overrides):
+    over = [*tiny_overrides, "train.max_steps=3", "dataset.max_seq_len=512", "train.micro_batch_size=8"]
+    plain = train(compose([*over, "train.gradient_checkpointing=false", "train.run_name=plain"]))
+    cfg_auto = compose([*over, "train.run_name=auto"])
+    cfg_auto.cfg.hardware.memory_gib = _memory_for(cfg_auto.cfg, 1)
+    auto = train(cfg_auto)
+    assert plain["checkpointed_layers"] == 0 and auto["checkpointed_layers"] == 1
+    losses = [[json.loads(line)["loss"] for line in open(f"{s['run_dir']}/metrics.jsonl") if '"loss"' in line]
+              for s in (plain, auto)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert auto["eval_loss_after"] == pytest.approx(plain["eval_loss_after"], rel=1e-5)
