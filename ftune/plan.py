@@ -257,7 +257,12 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # Activations and logits of one micro-batch (gradient accumulation frees them between).
     tokens = tr.micro_batch_size * ds.max_seq_len
     abytes = 2 if hw.precision in ("bf16", "fp16") else 4
-    per_token_layer = 6 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate
+    # Bytes each layer keeps per token for the backward pass, counted with saved-tensor hooks on
+    # SmolLM2 (docs/memory.md): in the compute dtype the two norm outputs, the query and the
+    # attention output (4H), keys and values (2 kv), gate, up, their SiLU product and the
+    # down-projection input (4I); in fp32 the two RMSNorm inputs (they normalise in fp32).
+    per_token_layer = abytes * (4 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate) \
+        + 4 * 2 * shape.hidden
     attn = _attention(cfg, cuda)
     if checkpointed is None:
         checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
@@ -265,7 +270,7 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # time. The recomputed layers are the first ones, whose backward runs last: by then the other
     # layers have freed theirs, so the peak holds max(1, layers - checkpointed) layers' tensors.
     layers_kept = max(1, shape.layers - checkpointed)
-    acts = tokens * abytes * (checkpointed * shape.hidden + layers_kept * per_token_layer)
+    acts = tokens * (abytes * checkpointed * shape.hidden + layers_kept * per_token_layer)
     # Attention: eager attention keeps each layer's probabilities and scores. SDPA on CPU runs its
     # flash kernel even with a mask (padding, packed rows), keeping no scores, but it saves the
     # mask converted to the compute dtype, [rows x 1 x seq x seq] per layer. SDPA and
@@ -276,14 +281,19 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     elif not cuda:
         scores = tokens * ds.max_seq_len * abytes * layers_kept
     logits = _logits_bytes(cfg, tokens, shape, abytes, full)
+    # Autocast's 16-bit copies of the fp32 trained weights, kept for the backward pass (measured on
+    # the full fine-tune; negligible for adapters). Sharded runs gather one layer at a time.
+    sharded = hw.strategy in ("fsdp", "deepspeed") and world > 1
+    casts = trainable * abytes if hw.precision in ("bf16", "fp16") and not sharded else 0.0
     runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
-             "activations": acts, "attention scores": scores, "logits": logits, "runtime": runtime}
+             "16-bit weight copies": casts, "activations": acts, "attention scores": scores, "logits": logits,
+             "runtime": runtime}
     if not cuda:
         # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
         # the model has loaded: the process's peak is the larger of loading and training, so only
         # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
-        training = master + grads + optim + acts + scores + logits
+        training = master + grads + optim + casts + acts + scores + logits
         parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
