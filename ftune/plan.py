@@ -271,13 +271,15 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # layers have freed theirs, so the peak holds max(1, layers - checkpointed) layers' tensors.
     layers_kept = max(1, shape.layers - checkpointed)
     acts = tokens * (abytes * checkpointed * shape.hidden + layers_kept * per_token_layer)
-    # Attention: eager attention keeps each layer's probabilities and scores. SDPA on CPU runs its
-    # flash kernel even with a mask (padding, packed rows), keeping no scores, but it saves the
-    # mask converted to the compute dtype, [rows x 1 x seq x seq] per layer. SDPA and
-    # flash-attention on CUDA keep neither.
+    # Attention. Eager attention keeps each layer's softmax output in fp32 and the probabilities in
+    # the compute dtype (counted with saved-tensor hooks); compiled (CPU runs switch to it), inductor
+    # keeps the probabilities alone (fitted, docs/memory.md). SDPA on CPU runs its flash kernel even
+    # with a mask (padding, packed rows), keeping no scores, but it saves the mask converted to the
+    # compute dtype, [rows x 1 x seq x seq] per layer. SDPA and flash-attention on CUDA keep neither.
     scores = 0.0
-    if attn == "eager":
-        scores = tokens * shape.heads * ds.max_seq_len * 2 * abytes * layers_kept
+    per_score = {"eager": 4 + (abytes if abytes < 4 else 0), "eager (compiled)": abytes}.get(attn)
+    if per_score:
+        scores = tokens * shape.heads * ds.max_seq_len * per_score * layers_kept
     elif not cuda:
         scores = tokens * ds.max_seq_len * abytes * layers_kept
     logits = _logits_bytes(cfg, tokens, shape, abytes, full)
@@ -351,7 +353,7 @@ def _attention(cfg: Any, cuda: bool) -> str:
     compiles = str(cfg.hardware.compile).lower() == "true" or (
         str(cfg.hardware.compile).lower() == "auto" and cfg.train.max_steps >= AUTO_MIN_STEPS)
     if not cuda and compiles:  # a compiled CPU run switches to matmul-softmax attention (train/compiled.py)
-        return "eager"
+        return "eager (compiled)"
     return "sdpa"
 
 

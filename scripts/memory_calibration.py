@@ -29,6 +29,8 @@ CONFIGS = {
     "default lora (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512"],
     "default full fine-tune (mbs 4, seq 256)": ["method=full", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
     "default qlora (mbs 4, seq 256)": ["method=qlora", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
+    "default lora, eager attention (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
+                                                       "model.attn_implementation=eager"],
     "default lora, compiled (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
                                                 "hardware.compile=true"],
     "default lora, 12 of 30 layers recomputed (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512",
