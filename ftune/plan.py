@@ -6,13 +6,15 @@ Per device, in bytes:
   ~0.56 B for quantised linear weights with double quantisation, 8-bit 1 B), trainable parameters as
   fp32 master weights (4 B);
 - gradients of trainable parameters (4 B) and AdamW state (8 B; 8-bit AdamW 2 B);
-- activations kept for the backward pass, per token and layer, in the autocast dtype: the layer
-  input/norm outputs, q/k/v/o inputs and outputs and the four MLP tensors (6H + 2·kv + 4I
-  elements; Korthikanti et al. 2022, "Reducing Activation Recomputation", Sec. 4, adapted to
-  SwiGLU and grouped-query attention); eager attention adds the score matrices (2·heads·seq per
-  token). Gradient checkpointing keeps only each layer's input plus one layer recomputed;
-- logits: micro_batch x seq x vocab, computed in the autocast dtype, upcast to fp32 for the
-  cross-entropy, and their gradient (2 + 4 + 4 B per element);
+- activations kept for the backward pass, per token and layer: the norm outputs, query, attention
+  output, keys/values and the four MLP tensors in the autocast dtype, the two RMSNorm inputs in
+  fp32 (counted with saved-tensor hooks; layout after Korthikanti et al. 2022, "Reducing
+  Activation Recomputation", Sec. 4, for SwiGLU and grouped-query attention); eager attention adds
+  its probabilities, CPU SDPA its mask. N recomputed layers (gradient checkpointing) keep only
+  their input; `auto` picks N (resolve_checkpointing);
+- logits: one chunk of target positions (stages pt/sft: the head runs only where a loss is
+  taken), or all positions with their fp32 copy and gradient for other stages;
+- 16-bit copies autocast keeps of fp32 trained weights;
 - sharding: fsdp divides weights, gradients and optimiser state by the process count; DeepSpeed
   ZeRO-2 divides gradients and optimiser state, ZeRO-3 all three; offload moves them to CPU RAM;
 - runtime: the framework itself (CUDA context and allocator slack on GPUs; the Python process with

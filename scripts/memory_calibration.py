@@ -1,6 +1,6 @@
 """Calibrate the memory preflight (ftune/plan.py) against measured peak memory on CPU.
 
-    python scripts/memory_calibration.py        # ~5 minutes; writes docs/memory_calibration.json
+    python scripts/memory_calibration.py        # ~7 minutes; writes docs/memory_calibration.json
 
 Each configuration trains 3 steps in a fresh process (`ftune train … --force`); the process's peak
 resident set size (summary.json peak_memory_gib, from getrusage) is compared with `ftune plan`'s
