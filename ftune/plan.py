@@ -412,7 +412,8 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
         layers, e = resolve_checkpointing(other, shape, trainable)
         if e.fits:
             auto = checkpoint_mode(other.train.gradient_checkpointing) == "auto" and layers
-            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB" + (f" (checkpointing {layers} layer{'s' if layers > 1 else ''})" if auto else ""))
+            recomputed = f" (checkpointing {layers} layer{'s' if layers > 1 else ''})" if auto else ""
+            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB{recomputed}")
     return out
 
 

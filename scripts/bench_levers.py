@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_levers.py                 # every lever, one run each
     .venv/bin/python scripts/bench_levers.py packed threads1 # some of them
+    .venv/bin/python scripts/bench_levers.py --out=bench/levers-checkpointing.json \
+        rows8x512 rows8x512-recompute-15-layers rows8x512-recompute-all-layers \
+        rows8x512 rows8x512-recompute-15-layers rows8x512-recompute-all-layers   # twice each
 
 Each lever is `ftune train` with the bench's ftune-arm overrides plus its own (or an environment
 variable), in its own process; the reference (the bench's ftune arm) runs before the first lever
@@ -53,7 +56,7 @@ def steady(result: dict) -> dict:
             "other_cpu": result["other_cpu"], "tokens_per_step": sum(tokens) / len(tokens)}
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], out_file: str | None = None) -> None:
     s = Settings(steps=12)
     work = Path(tempfile.mkdtemp(prefix="ftune-levers-"))
     chosen = [n for n in (names or list(LEVERS)) if n != "reference"]
@@ -77,11 +80,14 @@ def main(names: list[str]) -> None:
                     "overrides": LEVERS[name][0], "env": LEVERS[name][1], "packed": LEVERS[name][2]}
              for name, rows in results.items()}
     # Some levers only: their own file, so the full table in levers.json stays whole.
-    out = ROOT / "bench" / ("levers.json" if not names else f"levers-{'-'.join(dict.fromkeys(chosen))}.json")
+    out = Path(out_file) if out_file else ROOT / "bench" / (
+        "levers.json" if not names else f"levers-{'-'.join(dict.fromkeys(chosen))}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"settings": vars(s), "levers": table}, indent=2) + "\n")
     print(f"reference {ref:.1f} tok/s; " + ", ".join(f"{k} {v['vs_reference']:.2f}x" for k, v in table.items()))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    main([a for a in args if not a.startswith("--out=")],
+         next((a.removeprefix("--out=") for a in args if a.startswith("--out=")), None))

@@ -5,6 +5,8 @@ fewest layers that make the memory estimate fit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,3 +106,12 @@ def test_auto_run_recomputes_what_the_estimate_needs_and_learns_the_same(tiny_ov
               for s in (plain, auto)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert auto["eval_loss_after"] == pytest.approx(plain["eval_loss_after"], rel=1e-5)
+
+
+def test_plan_shows_what_auto_chose(tiny_overrides, tmp_path):
+    over = [*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]
+    memory = _memory_for(compose(over).cfg, 1)
+    out = subprocess.run([sys.executable, "-m", "ftune.cli", "plan", *over, f"hardware.memory_gib={memory}"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "gradient checkpointing on 1 of 2 decoder layers" in out.stdout and "does not fit" not in out.stdout

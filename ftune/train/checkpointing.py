@@ -36,7 +36,11 @@ def layers_for_run(cfg: Any) -> tuple[int, str | None]:
 def enable(model: Any, layers: int) -> None:
     """Turn checkpointing on for the model (before the method wraps it: quantised bases and peft
     prepare their inputs for it); restrict() then picks the layers."""
-    if layers:
+    if not layers:
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
