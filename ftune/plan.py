@@ -263,8 +263,15 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # SmolLM2 (docs/memory.md): in the compute dtype the two norm outputs, the query and the
     # attention output (4H), keys and values (2 kv), gate, up, their SiLU product and the
     # down-projection input (4I); in fp32 the two RMSNorm inputs (they normalise in fp32).
-    per_token_layer = abytes * (4 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 4 * shape.intermediate) \
-        + 4 * 2 * shape.hidden
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    per_token_layer = abytes * (4 * h + 2 * kv + 4 * i) + 4 * 2 * h
+    stream_bytes = abytes  # the residual stream, which a recomputed layer keeps
+    if quant in ("4bit", "8bit") and not full:
+        # QLoRA: peft's prepare_model_for_kbit_training keeps the norms in fp32, so the residual
+        # stream and the MLP's elementwise tensors are fp32, and autocast saves a 16-bit copy of
+        # each matmul input besides (hooks on SmolLM2 QLoRA: 55.6 KB per token and layer).
+        per_token_layer = 4 * (7 * h + 4 * i) + abytes * (9 * h + i + 2 * kv)
+        stream_bytes = 4
     attn = _attention(cfg, cuda)
     if checkpointed is None:
         checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
@@ -272,7 +279,7 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # time. The recomputed layers are the first ones, whose backward runs last: by then the other
     # layers have freed theirs, so the peak holds max(1, layers - checkpointed) layers' tensors.
     layers_kept = max(1, shape.layers - checkpointed)
-    acts = tokens * (abytes * checkpointed * shape.hidden + layers_kept * per_token_layer)
+    acts = tokens * (stream_bytes * checkpointed * h + layers_kept * per_token_layer)
     # Attention. Eager attention keeps each layer's softmax output in fp32 and the probabilities in
     # the compute dtype (counted with saved-tensor hooks); compiled (CPU runs switch to it), inductor
     # keeps the probabilities alone (fitted, docs/memory.md). SDPA on CPU runs its flash kernel even
