@@ -314,6 +314,12 @@ def main() -> None:
     except Exception as exc:  # a bug or an input ftune does not check yet: short, with the way to more
         if debug:
             raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: the run is too big, not a bug
+            from ftune.errors import out_of_memory
+
+            Console(stderr=True).print(Panel(Text(safety.redact(out_of_memory(exc).render())),
+                                             title="ftune: error", border_style="red", expand=False))
+            sys.exit(2)
         first = safety.redact(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "")
         Console(stderr=True).print(Panel(Text(f"{type(exc).__name__}: {first}\nRun the same command with --debug "
                                               "for the full traceback, and report it if the input looks right."),

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args, env=None, timeout=300):
     full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
@@ -41,3 +43,23 @@ def test_python_dash_m_ftune_is_the_cli():
                          env={**os.environ, "COLUMNS": "120"})
     assert out.returncode == 0, out.stderr
     assert "smollm2-lora-sft" in out.stdout
+
+
+def test_out_of_memory_is_a_panel_with_the_changes_that_need_less(monkeypatch, capsys):
+    import torch
+
+    from ftune import cli
+
+    def too_big() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "app", too_big)
+    monkeypatch.setattr("ftune.safety.install", lambda: None)  # no process-wide stream wrapping in the test run
+    monkeypatch.setattr("ftune.logs.quiet_libraries", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["ftune", "train"])
+    with pytest.raises(SystemExit) as end:
+        cli.main()
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and "Traceback" not in err
+    assert "ran out of memory" in err and "Tried to allocate 2.00 GiB" in err
+    assert "train.gradient_checkpointing=auto" in err and "ftune plan" in err
