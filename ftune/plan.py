@@ -431,9 +431,9 @@ def checkpoint_note(layers: int, total: int) -> str:
 
 def render(est: Estimate) -> str:
     lines = [f"memory per {est.device} process ({est.processes} process{'es' if est.processes > 1 else ''}):"]
-    lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in est.parts.items()]
-    lines.append(f"  {'total':<18} {est.total / GIB:8.2f} GiB of {est.available / GIB:.1f} GiB available"
-                 if est.available else f"  {'total':<18} {est.total / GIB:8.2f} GiB (device memory unknown)")
+    lines += [f"  {name:<20} {value / GIB:8.2f} GiB" for name, value in est.parts.items()]
+    lines.append(f"  {'total':<20} {est.total / GIB:8.2f} GiB of {est.available / GIB:.1f} GiB available"
+                 if est.available else f"  {'total':<20} {est.total / GIB:8.2f} GiB (device memory unknown)")
     if est.cpu_offloaded:
         lines.append(f"  offloaded to CPU RAM: {est.cpu_offloaded / GIB:.2f} GiB")
     lines += [f"  {n}" for n in est.notes]
