@@ -198,20 +198,19 @@ def resolve_checkpointing(cfg: Any, shape: Shape | None = None, trainable: int |
 
     auto: none when the run fits in AUTO_HEADROOM of the device's memory, else the fewest layers
     that make it fit (each recomputed layer keeps only its input: activation memory falls
-    linearly, compute grows by about one forward of that layer). At most all layers but the
-    last: its backward comes first, so recomputing it would rebuild at once what it saved. When
-    nothing fits, that many (the preflight then refuses and lists other changes)."""
+    linearly, compute grows by about one forward of that layer); every layer when nothing fits
+    (the preflight then refuses and lists other changes)."""
     shape = shape or model_shape(cfg)
     trainable = trainable_params(cfg, shape) if trainable is None else trainable
     fixed = fixed_checkpointed_layers(cfg.train.gradient_checkpointing, shape.layers)
     if fixed is not None:
         return fixed, estimate(cfg, shape, trainable, fixed)
     est = estimate(cfg, shape, trainable, 0)
-    for k in range(max(1, shape.layers)):
+    for k in range(shape.layers + 1):
         est = est if k == 0 else estimate(cfg, shape, trainable, k)
         if est.available <= 0 or est.total <= AUTO_HEADROOM * est.available:
             return k, est
-    return max(0, shape.layers - 1), est
+    return shape.layers, est
 
 
 def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
@@ -276,22 +275,27 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     if checkpointed is None:
         checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
     # A recomputed layer keeps only its input; the backward pass rebuilds its tensors one layer at a
-    # time. The recomputed layers are the first ones, whose backward runs last: by then the other
-    # layers have freed theirs, so the peak holds max(1, layers - checkpointed) layers' tensors.
-    layers_kept = max(1, shape.layers - checkpointed)
+    # time. The recomputed layers are the first ones, whose backward runs last: by then the kept
+    # layers and the head's logits are freed. So the peak is the end of the forward pass (inputs,
+    # kept layers, logits), unless every layer is recomputed and one rebuilt layer outweighs the
+    # logits (the "recomputed layer" part below).
+    layers_kept = shape.layers - checkpointed
     acts = tokens * (stream_bytes * checkpointed * h + layers_kept * per_token_layer)
     # Attention. Eager attention keeps each layer's softmax output in fp32 and the probabilities in
     # the compute dtype (counted with saved-tensor hooks); compiled (CPU runs switch to it), inductor
     # keeps the probabilities alone (fitted, docs/memory.md). SDPA on CPU runs its flash kernel even
     # with a mask (padding, packed rows), keeping no scores, but it saves the mask converted to the
     # compute dtype, [rows x 1 x seq x seq] per layer. SDPA and flash-attention on CUDA keep neither.
-    scores = 0.0
+    scores_per_layer = 0.0
     per_score = {"eager": 4 + (abytes if abytes < 4 else 0), "eager (compiled)": abytes}.get(attn)
     if per_score:
-        scores = tokens * shape.heads * ds.max_seq_len * per_score * layers_kept
+        scores_per_layer = tokens * shape.heads * ds.max_seq_len * per_score
     elif not cuda:
-        scores = tokens * ds.max_seq_len * abytes * layers_kept
+        scores_per_layer = tokens * ds.max_seq_len * abytes
+    scores = scores_per_layer * layers_kept
     logits = _logits_bytes(cfg, tokens, shape, abytes, full)
+    rebuilt = tokens * per_token_layer + scores_per_layer if checkpointed else 0.0
+    recompute = max(0.0, rebuilt - (acts - tokens * stream_bytes * checkpointed * h) - scores - logits)
     # Autocast's 16-bit copies of the fp32 trained weights, kept for the backward pass (measured on
     # the full fine-tune; negligible for adapters). Sharded runs gather one layer at a time.
     sharded = hw.strategy in ("fsdp", "deepspeed") and world > 1
@@ -299,12 +303,12 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
              "16-bit weight copies": casts, "activations": acts, "attention scores": scores, "logits": logits,
-             "runtime": runtime}
+             "recomputed layer": recompute, "runtime": runtime}
     if not cuda:
         # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
         # the model has loaded: the process's peak is the larger of loading and training, so only
         # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
-        training = master + grads + optim + casts + acts + scores + logits
+        training = master + grads + optim + casts + acts + scores + logits + recompute
         parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)

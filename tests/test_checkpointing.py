@@ -71,16 +71,14 @@ def test_auto_recomputes_the_fewest_layers_that_fit(tiny_overrides):
     cfg = compose([*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]).cfg
     shape = model_shape(cfg)
     totals = [estimate(cfg, checkpointed=k).total for k in range(shape.layers + 1)]
-    # Each recomputed layer saves memory, except the last layer: its backward comes first, so its
-    # recompute would hold at once what it saved (plus its input).
-    assert totals[:-1] == sorted(totals[:-1], reverse=True) and totals[0] > totals[-2] < totals[-1]
-    for layers in range(shape.layers):
+    assert all(a > b for a, b in zip(totals, totals[1:]))  # each recomputed layer saves memory
+    for layers in range(shape.layers + 1):
         cfg.hardware.memory_gib = _memory_for(cfg, layers)
         got, est = resolve_checkpointing(cfg, shape)
         assert got == layers and est.fits
-    cfg.hardware.memory_gib = totals[-2] / GIB * 0.5  # nothing fits: all but the last, and the preflight refuses
+    cfg.hardware.memory_gib = totals[-1] / GIB * 0.5  # nothing fits: every layer, and the preflight refuses
     got, est = resolve_checkpointing(cfg, shape)
-    assert got == shape.layers - 1 and not est.fits
+    assert got == shape.layers and not est.fits
     cfg.train.gradient_checkpointing = "false"  # a fixed choice is kept, fit or not
     assert resolve_checkpointing(cfg, shape)[0] == 0
 
@@ -115,3 +113,16 @@ def test_plan_shows_what_auto_chose(tiny_overrides, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "gradient checkpointing on 1 of 2 decoder layers" in out.stdout and "does not fit" not in out.stdout
+
+
+def test_every_layer_recomputed_peaks_at_the_larger_of_one_layer_and_the_logits(tiny_overrides):
+    """With every layer recomputed, the layer rebuilt in the backward pass and the head's logits
+    (end of the forward pass) are never alive together: the peak holds the larger of the two."""
+    cfg = compose([*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]).cfg
+    layers = model_shape(cfg).layers
+    some, every = estimate(cfg, checkpointed=layers - 1).parts, estimate(cfg, checkpointed=layers).parts
+    inputs_per_layer = every["activations"] / layers  # all a recomputed layer keeps
+    one_layer = some["activations"] - (layers - 1) * inputs_per_layer + some["attention scores"]
+    assert some["recomputed layer"] == 0 and every["attention scores"] == 0
+    assert every["recomputed layer"] > 0  # the tiny model's vocabulary is small: its logits weigh less than a layer
+    assert every["logits"] + every["recomputed layer"] == pytest.approx(max(one_layer, every["logits"]))
