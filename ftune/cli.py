@@ -300,14 +300,17 @@ def main() -> None:
     # Credentials from the environment never reach the screen or a log, whatever prints them.
     safety.install()
     quiet_libraries()
+    def error_panel(exc: FtuneError) -> None:
+        # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
+        Console(stderr=True).print(Panel(Text(safety.redact(exc.render())), title="ftune: error", border_style="red", expand=False))
+        sys.exit(2)
+
     try:
         app()
     except FtuneError as exc:
         if debug:
             raise
-        # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
-        Console(stderr=True).print(Panel(Text(safety.redact(exc.render())), title="ftune: error", border_style="red", expand=False))
-        sys.exit(2)
+        error_panel(exc)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
@@ -317,9 +320,7 @@ def main() -> None:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: the run is too big, not a bug
             from ftune.errors import out_of_memory
 
-            Console(stderr=True).print(Panel(Text(safety.redact(out_of_memory(exc).render())),
-                                             title="ftune: error", border_style="red", expand=False))
-            sys.exit(2)
+            error_panel(out_of_memory(exc))
         first = safety.redact(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "")
         Console(stderr=True).print(Panel(Text(f"{type(exc).__name__}: {first}\nRun the same command with --debug "
                                               "for the full traceback, and report it if the input looks right."),

@@ -205,12 +205,26 @@ def resolve_checkpointing(cfg: Any, shape: Shape | None = None, trainable: int |
     fixed = fixed_checkpointed_layers(cfg.train.gradient_checkpointing, shape.layers)
     if fixed is not None:
         return fixed, estimate(cfg, shape, trainable, fixed)
-    est = estimate(cfg, shape, trainable, 0)
-    for k in range(shape.layers + 1):
-        est = est if k == 0 else estimate(cfg, shape, trainable, k)
-        if est.available <= 0 or est.total <= AUTO_HEADROOM * est.available:
-            return k, est
-    return shape.layers, est
+    def fits(e: Estimate) -> bool:
+        return e.available <= 0 or e.total <= AUTO_HEADROOM * e.available
+
+    # The estimate falls with every layer recomputed: bisect for the fewest that fit (each estimate
+    # reads the device's memory and the checkpoint's files; 80 layers take 8 estimates, not 80).
+    best = estimate(cfg, shape, trainable, 0)
+    if fits(best):
+        return 0, best
+    low, high = 1, shape.layers
+    best = estimate(cfg, shape, trainable, high)
+    if not fits(best):
+        return high, best
+    while low < high:
+        mid = (low + high) // 2
+        trial = estimate(cfg, shape, trainable, mid)
+        if fits(trial):
+            high, best = mid, trial
+        else:
+            low = mid + 1
+    return high, best
 
 
 def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
@@ -280,7 +294,8 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # kept layers, logits), unless every layer is recomputed and one rebuilt layer outweighs the
     # logits (the "recomputed layer" part below).
     layers_kept = shape.layers - checkpointed
-    acts = tokens * (stream_bytes * checkpointed * h + layers_kept * per_token_layer)
+    kept = tokens * layers_kept * per_token_layer
+    acts = tokens * stream_bytes * checkpointed * h + kept
     # Attention. Eager attention keeps each layer's softmax output in fp32 and the probabilities in
     # the compute dtype (counted with saved-tensor hooks); compiled (CPU runs switch to it), inductor
     # keeps the probabilities alone (fitted, docs/memory.md). SDPA on CPU runs its flash kernel even
@@ -295,7 +310,7 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     scores = scores_per_layer * layers_kept
     logits = _logits_bytes(cfg, tokens, shape, abytes, full)
     rebuilt = tokens * per_token_layer + scores_per_layer if checkpointed else 0.0
-    recompute = max(0.0, rebuilt - (acts - tokens * stream_bytes * checkpointed * h) - scores - logits)
+    recompute = max(0.0, rebuilt - kept - scores - logits)
     # Autocast's 16-bit copies of the fp32 trained weights, kept for the backward pass (measured on
     # the full fine-tune; negligible for adapters). Sharded runs gather one layer at a time.
     sharded = hw.strategy in ("fsdp", "deepspeed") and world > 1

@@ -44,7 +44,7 @@ def _mlp_calls_in_one_step(model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("layers, expected", [(0, [1, 1, 1]), (2, [2, 2, 1]), (-1, [2, 2, 2]), (7, [2, 2, 2])])
+@pytest.mark.parametrize("layers, expected", [(0, [1, 1, 1]), (2, [2, 2, 1]), (checkpointing.EVERY, [2, 2, 2]), (7, [2, 2, 2])])
 def test_only_the_chosen_layers_recompute(layers, expected):
     model = _tiny_llama()
     checkpointing.enable(model, layers)

@@ -345,7 +345,7 @@ def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:
     for key in ("warmup_steps", "eval_every", "save_every", "sample_max_new_tokens"):
         _positive(problems, f"train.{key}", getattr(t, key), allow_zero=True)
     _positive(problems, "train.log_every", t.log_every)
-    gc = str(t.gradient_checkpointing).strip().lower()
+    gc = t.gradient_checkpointing  # lower-cased by derive(), which runs first
     if gc not in ("auto", "true", "false") and not gc.isdigit():
         problems.append(f"train.gradient_checkpointing must be auto, true, false or a number of decoder layers "
                         f"to recompute (got {t.gradient_checkpointing!r})")

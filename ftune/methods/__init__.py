@@ -25,7 +25,7 @@ class Setup:
     total_steps: int
     model_path: str
     checkpointed_layers: int = 0
-    """Decoder layers recomputed in the backward pass (-1: all; train.gradient_checkpointing)."""
+    """Decoder layers recomputed in the backward pass (train.gradient_checkpointing; 0: none)."""
     notes: list[str] = field(default_factory=list)
     """Messages for the user about what the method chose (printed at the start of the run)."""
 

@@ -13,15 +13,17 @@ from typing import Any
 
 from ftune.errors import FtuneError
 
+EVERY = 1 << 30  # "every layer" before the model is loaded: more than any model has
+
 
 def layers_for_run(cfg: Any) -> tuple[int, str | None]:
     """(decoder layers to recompute, a note for the user), decided before the model loads (the
     estimate counts the weights; the device's free memory must not have lost them already)."""
     from ftune import plan
 
-    mode = plan.checkpoint_mode(cfg.train.gradient_checkpointing)
-    if mode != "auto":  # -1: every layer, counted once the model is loaded
-        return {"false": 0, "true": -1}.get(mode) if mode in ("false", "true") else int(mode), None
+    fixed = plan.fixed_checkpointed_layers(cfg.train.gradient_checkpointing, EVERY)
+    if fixed is not None:  # true: EVERY, clamped to the model's layers by restrict()
+        return fixed, None
     try:
         shape = plan.model_shape(cfg)
         layers, est = plan.resolve_checkpointing(cfg, shape)
@@ -45,7 +47,7 @@ def enable(model: Any, layers: int) -> None:
 
 
 def restrict(model: Any, layers: int) -> int:
-    """Recompute only the first `layers` decoder layers (-1: all); returns how many recompute.
+    """Recompute only the first `layers` decoder layers (at most all); returns how many recompute.
 
     transformers reads a per-layer `gradient_checkpointing` flag at every call, so the others run
     their plain forward and keep their activations."""
@@ -53,10 +55,10 @@ def restrict(model: Any, layers: int) -> int:
 
     if not layers:
         return 0
-    blocks = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
-    if not blocks:  # a model that checkpoints at the model level: all layers, as enable() set it
-        return layers
-    keep = len(blocks) if layers < 0 else min(layers, len(blocks))
+    blocks = decoder_layers(model)
+    keep = min(layers, len(blocks))
+    if not any(hasattr(b, "gradient_checkpointing") for b in blocks):
+        return len(blocks)  # a model that checkpoints at the model level: all layers, as enable() set it
     for i, block in enumerate(blocks):
         block.gradient_checkpointing = i < keep
     return keep
