@@ -19,6 +19,7 @@ Per device, in bytes:
   ZeRO-2 divides gradients and optimiser state, ZeRO-3 all three; offload moves them to CPU RAM;
 - runtime: the framework itself (CUDA context and allocator slack on GPUs; the Python process with
   torch/transformers loaded on CPU), a constant measured on this project's runs.
+- heap fragmentation (CPU, 4/8-bit base): glibc's heap beyond the live tensors, fitted.
 
 Activation and runtime terms are calibrated against measured peak memory (docs/memory.md,
 scripts/memory_calibration.py); the formulas and their sources are kept here and in that doc.
@@ -39,6 +40,12 @@ GIB = 2 ** 30
 # Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
 # activations and logits are negligible — Python, torch, transformers, peft, accelerate, data.
 CPU_RUNTIME = 0.53 * GIB
+CPU_QUANT_FRAGMENTATION = 0.5
+"""CPU runs on a bitsandbytes-quantised base: glibc's heap grows beyond the live tensors over the
+first ~5 steps and then holds (the weights are dequantised into temporaries between the saved
+activations, and the gaps they leave fit few later blocks). Fitted on SmolLM2 QLoRA, 10 steps,
+4 / 2 / 8 rows of 256: the peak exceeded the counted terms by 0.53 / 0.67 / 0.37 times the
+activations (docs/memory.md). LoRA on a 16-bit base grows by little (within the calibration)."""
 # CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
 CUDA_RUNTIME = 0.8 * GIB
 # train.gradient_checkpointing=auto aims below this share of the device's memory: the estimate is
@@ -243,10 +250,12 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     frozen = 0 if full else shape.total_params
     wbytes = DTYPE_BYTES.get(str(weight_dtype(cfg)).removeprefix("torch."), 4)
     quant = cfg.model.quantization
+    # QLoRA: peft's prepare_model_for_kbit_training casts every weight it does not quantise
+    # (embeddings, norms, an untied output layer) to fp32.
     if quant == "4bit" and not full:
-        weights = shape.linear_params * 0.5625 + (frozen - shape.linear_params) * wbytes
+        weights = shape.linear_params * 0.5625 + (frozen - shape.linear_params) * 4
     elif quant == "8bit" and not full:
-        weights = shape.linear_params * 1.0 + (frozen - shape.linear_params) * wbytes
+        weights = shape.linear_params * 1.0 + (frozen - shape.linear_params) * 4
     else:
         weights = frozen * wbytes
     master = trainable * 4
@@ -319,11 +328,14 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
              "16-bit weight copies": casts, "activations": acts, "attention scores": scores, "logits": logits,
              "recomputed layer": recompute, "runtime": runtime}
+    if not cuda and quant in ("4bit", "8bit") and not full:
+        parts["heap fragmentation"] = CPU_QUANT_FRAGMENTATION * acts
     if not cuda:
         # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
         # the model has loaded: the process's peak is the larger of loading and training, so only
         # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
         training = master + grads + optim + casts + acts + scores + logits + recompute
+        training += parts.get("heap fragmentation", 0.0)
         parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)

@@ -1,8 +1,8 @@
 """Calibrate the memory preflight (ftune/plan.py) against measured peak memory on CPU.
 
-    python scripts/memory_calibration.py        # ~7 minutes; writes docs/memory_calibration.json
+    python scripts/memory_calibration.py        # ~10 minutes; writes docs/memory_calibration.json
 
-Each configuration trains 3 steps in a fresh process (`ftune train … --force`); the process's peak
+Each configuration trains 3 steps (QLoRA 10: its heap grows for ~5 steps) in a fresh process (`ftune train … --force`); the process's peak
 resident set size (summary.json peak_memory_gib, from getrusage) is compared with `ftune plan`'s
 estimate for the same overrides. The tiny model (2 layers, hidden 64) shows the runtime floor;
 the default model (SmolLM2-135M) the weights, optimiser, activation and logit terms.
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-QUICK = ["train.max_steps=3", "train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
+QUICK = ["train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
          "dataset.eval_max_rows=8", "train.tensorboard=false"]
 CONFIGS = {
     "tiny lora": ["{tiny}", "model.name=tiny"],
@@ -28,7 +28,12 @@ CONFIGS = {
                                               "train.gradient_checkpointing=true"],
     "default lora (mbs 8, seq 512)": ["train.micro_batch_size=8", "dataset.max_seq_len=512"],
     "default full fine-tune (mbs 4, seq 256)": ["method=full", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
-    "default qlora (mbs 4, seq 256)": ["method=qlora", "train.micro_batch_size=4", "dataset.max_seq_len=256"],
+    "default qlora (mbs 4, seq 256)": ["method=qlora", "train.micro_batch_size=4", "dataset.max_seq_len=256",
+                                       "train.max_steps=10"],
+    "default qlora (mbs 2, seq 256)": ["method=qlora", "train.micro_batch_size=2", "dataset.max_seq_len=256",
+                                       "train.max_steps=10"],
+    "default qlora (mbs 8, seq 256)": ["method=qlora", "train.micro_batch_size=8", "dataset.max_seq_len=256",
+                                       "train.max_steps=10"],
     "default lora, eager attention (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
                                                        "model.attn_implementation=eager"],
     "default lora, compiled (mbs 4, seq 256)": ["train.micro_batch_size=4", "dataset.max_seq_len=256",
@@ -53,6 +58,7 @@ def main() -> None:
         tiny = tiny_model(Path(tmp) / "tiny")
         for name, extra in CONFIGS.items():
             overrides = [e.replace("{tiny}", f"model.path={tiny}") for e in extra] + QUICK
+            overrides += [] if any(e.startswith("train.max_steps=") for e in extra) else ["train.max_steps=3"]
             est = estimate(compose(overrides).cfg)
             out = Path(tmp) / "runs"
             run = ["train", *overrides, f"train.output_dir={out}", f"train.run_name=r{len(rows)}", "--force"]

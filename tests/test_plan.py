@@ -73,3 +73,20 @@ def test_knobs_name_changes_that_fit(tiny_overrides):
     fixes = knobs(cfg, model_shape(cfg))
     assert any("gradient_checkpointing" in f for f in fixes)
     json.dumps(fixes)
+
+
+def test_a_quantised_base_on_cpu_counts_its_fp32_weights_and_heap_growth(tiny_overrides):
+    """QLoRA: peft keeps the unquantised weights (embeddings, norms) in fp32, and on CPU glibc's
+    heap grows by about half the activations (docs/memory.md); neither applies to a 16-bit LoRA."""
+    from ftune.plan import model_shape
+
+    lora = estimate(compose([*tiny_overrides, "hardware.device=cpu"]).cfg)
+    qlora_cfg = compose([*tiny_overrides, "hardware.device=cpu", "method=qlora"]).cfg
+    qlora = estimate(qlora_cfg)
+    shape = model_shape(qlora_cfg)
+    assert "heap fragmentation" not in lora.parts
+    assert qlora.parts["heap fragmentation"] == pytest.approx(0.5 * qlora.parts["activations"])
+    unquantised = shape.total_params - shape.linear_params
+    assert qlora.parts["weights"] == pytest.approx(shape.linear_params * 0.5625 + unquantised * 4)
+    on_gpu = estimate(compose([*tiny_overrides, "method=qlora", "hardware=single-gpu", "hardware.memory_gib=24"]).cfg)
+    assert on_gpu.device == "cuda" and "heap fragmentation" not in on_gpu.parts
