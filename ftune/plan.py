@@ -40,12 +40,13 @@ GIB = 2 ** 30
 # Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
 # activations and logits are negligible — Python, torch, transformers, peft, accelerate, data.
 CPU_RUNTIME = 0.53 * GIB
+# CPU runs on a bitsandbytes-quantised base: glibc's heap grows beyond the live tensors over the
+# first ~5 steps and then holds (with every block from 64 KiB mmapped it does not grow, so it is
+# the heap's free gaps, not tensors; likely left by the dequantisation temporaries between the
+# saved activations). Fitted on SmolLM2 QLoRA, 10 steps, 4 / 2 / 8 rows of 256: the peak exceeded
+# the counted terms by 0.53 / 0.67 / 0.37 times the activations (docs/memory.md). A 16-bit base
+# grows by little, inside its calibration.
 CPU_QUANT_FRAGMENTATION = 0.5
-"""CPU runs on a bitsandbytes-quantised base: glibc's heap grows beyond the live tensors over the
-first ~5 steps and then holds (the weights are dequantised into temporaries between the saved
-activations, and the gaps they leave fit few later blocks). Fitted on SmolLM2 QLoRA, 10 steps,
-4 / 2 / 8 rows of 256: the peak exceeded the counted terms by 0.53 / 0.67 / 0.37 times the
-activations (docs/memory.md). LoRA on a 16-bit base grows by little (within the calibration)."""
 # CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
 CUDA_RUNTIME = 0.8 * GIB
 # train.gradient_checkpointing=auto aims below this share of the device's memory: the estimate is

@@ -2,9 +2,9 @@
 
     python scripts/memory_calibration.py        # ~10 minutes; writes docs/memory_calibration.json
 
-Each configuration trains 3 steps (QLoRA 10: its heap grows for ~5 steps) in a fresh process (`ftune train … --force`); the process's peak
-resident set size (summary.json peak_memory_gib, from getrusage) is compared with `ftune plan`'s
-estimate for the same overrides. The tiny model (2 layers, hidden 64) shows the runtime floor;
+Each configuration trains 3 steps (QLoRA 10: its heap grows for ~5 steps) in a fresh process
+(`ftune train … --force`); the process's peak resident set size (summary.json peak_memory_gib,
+from getrusage) is compared with `ftune plan`'s estimate for the same overrides. The tiny model (2 layers, hidden 64) shows the runtime floor;
 the default model (SmolLM2-135M) the weights, optimiser, activation and logit terms.
 """
 
