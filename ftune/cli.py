@@ -300,6 +300,7 @@ def main() -> None:
     # Credentials from the environment never reach the screen or a log, whatever prints them.
     safety.install()
     quiet_libraries()
+
     def error_panel(exc: FtuneError) -> None:
         # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
         Console(stderr=True).print(Panel(Text(safety.redact(exc.render())), title="ftune: error", border_style="red", expand=False))

@@ -250,13 +250,13 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     full = cfg.method.name in ("full",)
     frozen = 0 if full else shape.total_params
     wbytes = DTYPE_BYTES.get(str(weight_dtype(cfg)).removeprefix("torch."), 4)
-    quant = cfg.model.quantization
-    # QLoRA: peft's prepare_model_for_kbit_training casts every weight it does not quantise
-    # (embeddings, norms, an untied output layer) to fp32.
-    if quant == "4bit" and not full:
-        weights = shape.linear_params * 0.5625 + (frozen - shape.linear_params) * 4
-    elif quant == "8bit" and not full:
-        weights = shape.linear_params * 1.0 + (frozen - shape.linear_params) * 4
+    # A 4/8-bit base (QLoRA): adapters over bitsandbytes weights, prepared by peft for kbit training.
+    kbit = cfg.model.quantization in ("4bit", "8bit") and not full
+    if kbit:
+        # prepare_model_for_kbit_training casts every weight it does not quantise (embeddings,
+        # norms, an untied output layer) to fp32.
+        per_weight = {"4bit": 0.5625, "8bit": 1.0}[cfg.model.quantization]
+        weights = shape.linear_params * per_weight + (frozen - shape.linear_params) * 4
     else:
         weights = frozen * wbytes
     master = trainable * 4
@@ -289,7 +289,7 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     per_token_layer = abytes * (4 * h + 2 * kv + 4 * i) + 4 * 2 * h
     stream_bytes = abytes  # the residual stream, which a recomputed layer keeps
-    if quant in ("4bit", "8bit") and not full:
+    if kbit:
         # QLoRA: peft's prepare_model_for_kbit_training keeps the norms in fp32, so the residual
         # stream and the MLP's elementwise tensors are fp32, and autocast saves a 16-bit copy of
         # each matmul input besides (hooks on SmolLM2 QLoRA: 55.6 KB per token and layer).
@@ -329,14 +329,14 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
              "16-bit weight copies": casts, "activations": acts, "attention scores": scores, "logits": logits,
              "recomputed layer": recompute, "runtime": runtime}
-    if not cuda and quant in ("4bit", "8bit") and not full:
-        parts["heap fragmentation"] = CPU_QUANT_FRAGMENTATION * acts
+    heap = CPU_QUANT_FRAGMENTATION * acts if kbit and not cuda else 0.0
+    if heap:
+        parts["heap fragmentation"] = heap
     if not cuda:
         # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
         # the model has loaded: the process's peak is the larger of loading and training, so only
         # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
-        training = master + grads + optim + casts + acts + scores + logits + recompute
-        training += parts.get("heap fragmentation", 0.0)
+        training = master + grads + optim + casts + acts + scores + logits + recompute + heap
         parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)

@@ -111,7 +111,8 @@ def run_ftune(s: Settings, packed: bool, work: Path, name: str, extra: list[str]
         "step_seconds": [r["tokens"] / r["tokens_per_s"] for r in steps],
         "step_tokens_logged": [r["tokens"] for r in steps], "losses": [r["loss"] for r in steps],
         "eval_loss_before": summary["eval_loss_before"], "eval_loss_after": summary["eval_loss_after"],
-        "peak_gib_self": summary.get("peak_memory_gib"), "optimizer": "AdamW (torch, fused where every tensor allows it)",
+        "peak_gib_self": summary.get("peak_memory_gib"),
+        "optimizer": "AdamW (torch, fused where every tensor allows it)",
     }
     shutil.rmtree(run_dir / "adapter", ignore_errors=True)
     return {**result, "peak_rss_gib": proc.peak_rss_gib, "wall_seconds": proc.wall_seconds, "other_cpu": proc.other_cpu}
