@@ -56,7 +56,14 @@ def train(overrides: Optional[List[str]] = OVERRIDES,
         preflight(cfg, console, force)
     if several:
         console.print(f"launching {world_size(cfg)} processes: {distributed.shell(cmd, env)}")
-        sys.exit(distributed.relaunch(cmd, env))
+        code, error = distributed.relaunch(cmd, env, debug=os.environ.get("FTUNE_DEBUG") == "1")
+        if error:  # once, whichever process failed first
+            show_panel(error["title"], error["text"])
+        elif code:
+            show_panel("ftune: error", f"a training process ended with exit code {code} and left no message "
+                       "(killed by the system, e.g. out of memory?). Run the same command with --debug for "
+                       "every process's output.")
+        sys.exit(code)
     from ftune.train.run import train as run_train
 
     result = run_train(composed, console)
@@ -288,6 +295,24 @@ def data_preview(overrides: Optional[List[str]] = OVERRIDES,
     preview(compose(overrides or []).cfg, n, console)
 
 
+def show_panel(title: str, text: str) -> None:
+    from ftune import safety
+
+    # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
+    Console(stderr=True).print(Panel(Text(safety.redact(text)), title=title, border_style="red", expand=False))
+
+
+def exit_with_panel(title: str, text: str, code: int) -> None:
+    """One panel and the exit code. In a process relaunched under torchrun the panel goes to the
+    launching command, which shows the first process's once (train/distributed.report_error)."""
+    from ftune import safety
+    from ftune.train import distributed
+
+    if not distributed.report_error(title, safety.redact(text)):
+        show_panel(title, text)
+    sys.exit(code)
+
+
 def main() -> None:
     from ftune import safety
     from ftune.logs import quiet_libraries
@@ -302,9 +327,7 @@ def main() -> None:
     quiet_libraries()
 
     def error_panel(exc: FtuneError) -> None:
-        # Text, not markup: "[i]" or "[0]" in a message is literal, not a style.
-        Console(stderr=True).print(Panel(Text(safety.redact(exc.render())), title="ftune: error", border_style="red", expand=False))
-        sys.exit(2)
+        exit_with_panel("ftune: error", exc.render(), 2)
 
     try:
         app()
@@ -322,11 +345,9 @@ def main() -> None:
             from ftune.errors import out_of_memory
 
             error_panel(out_of_memory(exc))
-        first = safety.redact(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "")
-        Console(stderr=True).print(Panel(Text(f"{type(exc).__name__}: {first}\nRun the same command with --debug "
-                                              "for the full traceback, and report it if the input looks right."),
-                                         title="ftune: unexpected error", border_style="red", expand=False))
-        sys.exit(1)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        exit_with_panel("ftune: unexpected error", f"{type(exc).__name__}: {first}\nRun the same command with "
+                        "--debug for the full traceback, and report it if the input looks right.", 1)
 
 
 if __name__ == "__main__":

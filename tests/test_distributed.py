@@ -5,6 +5,7 @@ and save a complete adapter."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -141,3 +142,109 @@ def test_profile_attention_setting_reaches_the_model(tiny_overrides):
     assert model.config._attn_implementation == "eager"
     with pytest.raises(FtuneError, match="liger=true needs CUDA"):
         compose(["hardware.liger=true"])
+
+
+def _one_process_group():
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("loss,dataset", [("sigmoid", "smol-prefs"), ("kto", "smol-feedback")])
+def test_reference_through_the_ddp_wrapper(loss, dataset, tiny_overrides):
+    """What reaches objective.loss under strategy=ddp is the DDP wrapper, which forwards only
+    forward(): the adapter-disabled reference must still be found, and the loss equal the
+    unwrapped model's."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ftune.data.build import build
+    from ftune.methods import Setup, apply
+    from ftune.models.load import load
+    from ftune.train import objectives
+
+    overrides = [o for o in tiny_overrides if not o.startswith("dataset.")]
+    cfg = compose(["recipe=smollm2-dpo", f"dataset={dataset}", f"stage.loss={loss}", *overrides,
+                   "dataset.max_rows=8", "dataset.max_seq_len=64", "dataset.eval_max_rows=4"]).cfg
+    torch.manual_seed(0)
+    model, tokenizer = load(cfg, torch.device("cpu"))
+    model = apply(model, cfg, Setup(total_steps=1, model_path=cfg.model.path))
+    for name, p in model.named_parameters():  # a trained adapter: policy != reference
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    data = build(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
+    objective = objectives.get(cfg.stage, cfg.dataset, model)
+    batch = objective.collate(data.train[:4], tokenizer.pad_token_id)
+    want, _, _ = objective.loss(model, batch)
+    _one_process_group()
+    try:
+        wrapped = DistributedDataParallel(model)
+        got, _, _ = objective.loss(wrapped, batch)
+    finally:
+        dist.destroy_process_group()
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert abs(float(want) - objective.count(batch) * (0.5 if loss == "kto" else math.log(2))) > 1e-3
+
+
+def test_a_failure_inside_the_relaunch_ends_in_one_panel(tiny_overrides, tmp_path):
+    """An input error found only once the processes run (a bad data row) ends in ftune's panel,
+    printed once, with the process's exit code and no launcher traceback."""
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    args = [*tiny_overrides, "hardware=cpu-ddp", "train.max_steps=1", "dataset.sources=[{path: bad.jsonl, format: alpaca}]"]
+    result = _train_cli(args, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert out.count("ftune: error") == 1 and "bad.jsonl" in out and "row 2" in out, out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
+
+
+def _parity(tiny_overrides, tmp_path, stage_args: list[str], profile: str = "cpu-ddp") -> tuple[dict, dict]:
+    """The same run in one process and in two, at micro-batch 1 x grad_accum 4: each process
+    accumulates two micro-batches (the no-sync path) before the gradients are averaged."""
+    common = [*stage_args, "train.max_steps=3", "train.lr=5e-3", "train.log_every=1", "train.micro_batch_size=1",
+              "train.grad_accum=4", "train.sample_max_new_tokens=0", "train.eval_every=2"]
+    train(compose([*common, "train.run_name=one"]))
+    result = _train_cli([*common, f"hardware={profile}", "hardware.precision=fp32", "train.run_name=two"], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = tmp_path / "outputs"
+    rows = {}
+    for name in ("one", "two"):
+        rows[name] = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = {"train": [r for r in rows[name] if "loss" in r], "summary": json.loads((out / name / "summary.json").read_text())}
+    return rows["one"], rows["two"]
+
+
+def _assert_same(one: dict, two: dict, keys: tuple[str, ...]) -> None:
+    assert len(one["train"]) == len(two["train"]) == 3
+    for a, b in zip(one["train"], two["train"]):
+        for key in ("loss", "grad_norm", *keys):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
+    for key in ("eval_loss_before", "eval_loss_after"):
+        assert two["summary"][key] == pytest.approx(one["summary"][key], rel=1e-4, abs=1e-6)
+
+
+def _pref_overrides(tiny_overrides, dataset, recipe="smollm2-dpo"):
+    return [f"recipe={recipe}", f"dataset={dataset}", *(o for o in tiny_overrides if not o.startswith("dataset.")),
+            "dataset.max_rows=24", "dataset.max_seq_len=96", "dataset.eval_max_rows=4"]
+
+
+@pytest.mark.parametrize("loss,dataset", [("sigmoid", "smol-prefs"), ("kto", "smol-feedback")])
+def test_two_processes_train_dpo_and_kto_like_one(loss, dataset, tiny_overrides, tmp_path):
+    one, two = _parity(tiny_overrides, tmp_path, [*_pref_overrides(tiny_overrides, dataset), f"stage.loss={loss}"])
+    _assert_same(one, two, ("accuracy", "kl") if loss == "kto" else ("accuracy", "margin"))
+    assert two["train"][-1]["loss"] != pytest.approx(one["train"][0]["loss"], abs=1e-6)  # it trained
+
+
+def test_two_processes_train_a_reward_model_like_one(tiny_overrides, tmp_path):
+    one, two = _parity(tiny_overrides, tmp_path, _pref_overrides(tiny_overrides, "smol-prefs", "smollm2-rm"))
+    _assert_same(one, two, ("accuracy",))
+
+
+def test_two_processes_accumulate_sft_like_one(tiny_overrides, tmp_path):
+    one, two = _parity(tiny_overrides, tmp_path, list(tiny_overrides))
+    _assert_same(one, two, ())

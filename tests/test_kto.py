@@ -13,7 +13,7 @@ import torch
 from ftune.config.compose import compose
 from ftune.data.formats import to_records
 from ftune.errors import FtuneError
-from ftune.train.objectives.dpo import kto_losses
+from ftune.train.objectives.dpo import kl_estimate, kto_losses
 from ftune.train.run import train
 
 
@@ -29,7 +29,8 @@ def test_kto_loss_matches_the_paper():
     kl_p, kl_r = -torch.rand(n, generator=g, dtype=torch.float64) * 30, -torch.rand(n, generator=g, dtype=torch.float64) * 30
     desirable = torch.rand(n, generator=g) < 0.5
     stage = SimpleNamespace(beta=0.2, kto_desirable_weight=1.3, kto_undesirable_weight=0.7)
-    ours, _, z0 = kto_losses(stage, p, ref, kl_p, kl_r, desirable)
+    z0 = kl_estimate((kl_p - kl_r).sum(), n)
+    ours, _ = kto_losses(stage, p, ref, z0, desirable)
     z = max(0.0, sum(float(a - b) for a, b in zip(kl_p, kl_r)) / n)
     assert float(z0) == pytest.approx(z)
     for i in range(n):
@@ -90,3 +91,21 @@ def test_full_fine_tuning_with_a_separate_reference_model(tiny_overrides, tiny_m
     assert s["eval_loss_after"] < s["eval_loss_before"]
     with pytest.raises(FtuneError, match="stage.reference"):
         compose(["recipe=smollm2-dpo", "method=full"])
+
+
+def test_kto_z0_is_shared_by_the_whole_step(tiny_overrides, tmp_path):
+    """Four micro-batches of one answer accumulate exactly like one micro-batch of four: z0 is the
+    KL estimate of the whole step, not of each micro-batch (Ethayarajh et al.: one reference
+    point per batch; the reference implementation gathers it over the processes)."""
+    common = ["stage.loss=kto", "train.max_steps=3", "train.lr=5e-3", "train.log_every=1",
+              "train.sample_max_new_tokens=0"]
+    _tiny(tiny_overrides, "smol-feedback", *common, "train.run_name=big", "train.micro_batch_size=4", "train.grad_accum=1")
+    _tiny(tiny_overrides, "smol-feedback", *common, "train.run_name=acc", "train.micro_batch_size=1", "train.grad_accum=4")
+    rows = {name: [json.loads(x) for x in (tmp_path / "outputs" / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("big", "acc")}
+    big, acc = ([r for r in rows[n] if "loss" in r] for n in ("big", "acc"))
+    assert len(big) == len(acc) == 3
+    for a, b in zip(big, acc):
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+    assert big[-1]["kl"] > 0  # the policy moved away from the reference: z0 is not trivially 0

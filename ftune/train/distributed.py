@@ -27,6 +27,7 @@ import torch
 from ftune.errors import FtuneError
 
 LAUNCHED = "FTUNE_LAUNCHED"  # set in the relaunched processes (never relaunch twice)
+ERROR_DIR = "FTUNE_ERROR_DIR"  # where relaunched processes leave their error panel for the launching command
 
 
 def rank() -> int:
@@ -44,6 +45,17 @@ def is_main() -> bool:
 def in_launcher() -> bool:
     """Started by torchrun/accelerate (or a SLURM script that exports their variables)."""
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def unwrap_parallel(model: Any) -> Any:
+    """The model inside a DDP (or DeepSpeed) wrapper. The wrappers forward only forward(): the
+    wrapped model's own methods (peft's disable_adapter, generate, a scalar head's scores) are
+    reached through this, never by hasattr on what accelerator.prepare returned."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
 
 
 def processes_per_node(hw: Any) -> int:
@@ -110,9 +122,45 @@ def shell(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return (prefix + " " if prefix else "") + " ".join(shlex.quote(c) for c in cmd)
 
 
-def relaunch(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher in the foreground and return its exit code (Ctrl-C reaches every process)."""
-    return subprocess.run(cmd, env={**os.environ, **env}).returncode
+def relaunch(cmd: list[str], env: dict[str, str], debug: bool = False) -> tuple[int, dict | None]:
+    """Run the launcher in the foreground (Ctrl-C reaches every process); returns its exit code and
+    the first error a process reported ({"title", "text"}), to be shown once by the caller.
+
+    With `debug` it is plain torchrun with every traceback; otherwise ftune.train.torchrun, which
+    leaves out the launcher's own traceback (the failed process's panel says what happened)."""
+    import tempfile
+
+    if not debug and cmd[1:3] == ["-m", "torch.distributed.run"]:
+        cmd = [cmd[0], "-m", "ftune.train.torchrun", *cmd[3:]]
+    with tempfile.TemporaryDirectory(prefix="ftune-errors-") as folder:
+        code = subprocess.run(cmd, env={**os.environ, **env, ERROR_DIR: folder}).returncode
+        return code, first_error(folder) if code else None
+
+
+def report_error(title: str, text: str) -> bool:
+    """In a relaunched process: leave the error for the launching command instead of printing it
+    (every rank would print its own copy). False when there is no launching command to read it."""
+    import json
+    import time
+
+    folder = os.environ.get(ERROR_DIR)
+    if not folder or not in_launcher() or not os.path.isdir(folder):
+        return False
+    record = {"title": title, "text": text, "rank": rank(), "time": time.time()}
+    path = os.path.join(folder, f"rank-{rank()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def first_error(folder: str) -> dict | None:
+    """The error reported first (the cause; later ones are usually the other ranks losing it)."""
+    import json
+    from pathlib import Path
+
+    records = [json.loads(p.read_text()) for p in Path(folder).glob("rank-*.json")]
+    return min(records, key=lambda r: (r["time"], r["rank"])) if records else None
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -125,6 +125,8 @@ def train_step(model: Any, objective: Objective, batches: list[dict], accelerato
     n_targets = sum(objective.count(b) for b in batches)
     rank, world = distributed.rank(), distributed.world()
     mine = batches[rank::world]
+    if objective.prepare_step is not None:
+        objective.prepare_step(model, mine, accelerator)
     loss_total, sums = 0.0, {}
     for i, batch in enumerate(mine):
         last = i == len(mine) - 1

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
 from ftune.errors import FtuneError
+from ftune.train import distributed
 from ftune.train.objectives import OBJECTIVES, Objective
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -72,11 +73,14 @@ def sequence_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 def reference_logps(model: Any, batch: dict) -> torch.Tensor:
     if "ref_logps" in batch:  # computed once before training
         return batch["ref_logps"]
-    if not hasattr(model, "disable_adapter"):
+    # Under DDP the model is a wrapper that forwards only forward(): the reference pass needs no
+    # gradient sync, so it runs on the wrapped model itself.
+    inner = distributed.unwrap_parallel(model)
+    if not hasattr(inner, "disable_adapter"):
         raise FtuneError("stage=dpo needs reference log-probs: train an adapter method (lora, …), whose disabled "
                          "adapter is the reference, or use stage.loss=simpo|orpo (reference-free)")
-    with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, batch)[0]
+    with torch.no_grad(), inner.disable_adapter():
+        return sequence_logps(inner, batch)[0]
 
 
 def pair_losses(stage: Any, pc: torch.Tensor, pr: torch.Tensor, lc: torch.Tensor, lr: torch.Tensor,
@@ -102,35 +106,74 @@ def pair_losses(stage: Any, pc: torch.Tensor, pr: torch.Tensor, lc: torch.Tensor
     raise FtuneError(f"stage.loss: unknown DPO-family loss '{stage.loss}'")
 
 
-def kto_losses(stage: Any, logps: torch.Tensor, ref: torch.Tensor, kl_logps: torch.Tensor, kl_ref: torch.Tensor,
-               desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per answer, implicit reward per answer, the KL reference point z0).
+def kto_losses(stage: Any, logps: torch.Tensor, ref: torch.Tensor, z0: torch.Tensor,
+               desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss per answer, implicit reward per answer).
 
-    KTO (Ethayarajh et al. 2024): r = log pi/pi_ref of the answer; z0 = max(0, mean KL estimate
-    over mismatched prompt/answer rows), held constant; desirable answers lose
-    lambda_D (1 - sigmoid(beta (r - z0))), undesirable ones lambda_U (1 - sigmoid(beta (z0 - r)))."""
+    KTO (Ethayarajh et al. 2024): r = log pi/pi_ref of the answer; z0 = the KL reference point
+    (kl_estimate), held constant; desirable answers lose lambda_D (1 - sigmoid(beta (r - z0))),
+    undesirable ones lambda_U (1 - sigmoid(beta (z0 - r)))."""
     beta = stage.beta
-    z0 = (kl_logps - kl_ref).mean().clamp(min=0).detach()
     reward = logps - ref
     good = stage.kto_desirable_weight * (1 - torch.sigmoid(beta * (reward - z0)))
     bad = stage.kto_undesirable_weight * (1 - torch.sigmoid(beta * (z0 - reward)))
-    return torch.where(desirable, good, bad), beta * reward, z0
+    return torch.where(desirable, good, bad), beta * reward
+
+
+def _rows_of(batch: dict, part: slice) -> dict:
+    return {k: batch[k][part] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+
+def kl_sums(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum over the batch's mismatched KL rows of log pi/pi_ref, their count), without gradient:
+    z0 is a constant of the loss, as in the reference implementation."""
+    n = int(batch["n_pairs"])
+    rows = _rows_of(batch, slice(n, None))
+    with torch.no_grad():
+        logps = sequence_logps(model, rows)[0]
+        ref = batch["ref_logps"][n:] if "ref_logps" in batch else reference_logps(model, rows)
+    return (logps.float() - ref.float()).sum(), n
+
+
+def kl_estimate(total: torch.Tensor, count: int) -> torch.Tensor:
+    """z0 = max(0, mean KL estimate over the mismatched rows)."""
+    return (total / max(count, 1)).clamp(min=0)
+
+
+def kto_prepare_step(model: Any, batches: list[dict], accelerator: Any) -> None:
+    """z0 of the whole optimiser step: the mean over every KL row of every micro-batch, summed over
+    the processes (the reference gathers the estimate over the processes). One step in N
+    processes then equals the step in one, and accumulated micro-batches equal one batch."""
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        with accelerator.autocast():
+            total, count = kl_sums(model, batch)
+        totals += torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=totals.device)])
+    if distributed.world() > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    z0 = kl_estimate(totals[0], int(totals[1]))
+    for batch in batches:
+        batch["kto_z0"] = z0.float()
 
 
 def make_kto(stage: Any) -> Objective:
     def loss(model: Any, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         n = int(batch["n_pairs"])
-        logps, _ = sequence_logps(model, batch)
-        ref = reference_logps(model, batch)
+        # Held-out batches carry no step-level z0: their own KL rows give it.
+        z0 = batch["kto_z0"] if "kto_z0" in batch else kl_estimate(*kl_sums(model, batch))
+        answers = _rows_of(batch, slice(0, n))
+        logps, _ = sequence_logps(model, answers)
+        ref = batch["ref_logps"][:n] if "ref_logps" in batch else reference_logps(model, answers)
         desirable = batch["desirable"].bool()
-        losses, rewards, z0 = kto_losses(stage, logps[:n], ref[:n], logps[n:], ref[n:], desirable)
+        losses, rewards = kto_losses(stage, logps, ref, z0.to(logps.dtype), desirable)
         rewards = rewards.detach()
         metrics = {"accuracy": float(((rewards > 0) == desirable).float().sum()), "kl": float(z0) * n,
                    "rewards_desirable": float(rewards[desirable].sum()),
                    "rewards_undesirable": float(rewards[~desirable].sum())}
         return losses.sum(), n, metrics
 
-    return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_kto)
+    return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_kto,
+                     prepare_step=kto_prepare_step)
 
 
 def precompute_reference(samples: list[dict], reference: Any, mbs: int, pad_id: int, accelerator: Any,
