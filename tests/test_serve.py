@@ -138,3 +138,32 @@ def test_vllm_engine_command_and_refusals(tiny_overrides, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(FtuneError, match="cannot start here"):
             vllm.check_available()
+
+
+def test_the_official_openai_client_gets_answers_and_usage(two_runs):
+    """The official `openai` client against `ftune serve`: the answer, its finish reason and the
+    usage the API reports (prompt_tokens = the rendered prompt's tokens, total = prompt +
+    completion), with and without streaming."""
+    from openai import OpenAI
+
+    pool = AdapterPool(two_runs, max_loaded=2)
+    expected = pool.generate([Request("alpha", MSG, 8)])[0]
+    prompt_tokens = len(pool.prompt_ids(MSG))
+    server = serve(pool, port=0, window_ms=10)
+    client = OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused", max_retries=0)
+    try:
+        reply = client.chat.completions.create(model="alpha", messages=MSG, max_tokens=8)
+        assert reply.choices[0].message.content == expected["text"]
+        assert reply.choices[0].finish_reason == expected["finish"]
+        assert reply.usage.prompt_tokens == prompt_tokens > 0
+        assert reply.usage.completion_tokens == len(expected["ids"]) > 0
+        assert reply.usage.total_tokens == prompt_tokens + len(expected["ids"])
+        chunks = list(client.chat.completions.create(model="alpha", messages=MSG, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.strip() == expected["text"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected["finish"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == prompt_tokens
+        assert chunks[-1].usage.total_tokens == prompt_tokens + len(expected["ids"])
+    finally:
+        server.shutdown()

@@ -108,8 +108,8 @@ class AdapterPool:
                 raise FtuneError(f"one batch asks for {len(names)} adapters; max_loaded is {self.max_loaded}")
             for name in names:
                 self.activate(name)
-            batch = self.tokenizer.pad({"input_ids": [self.prompt_ids(r.messages) for r in requests]},
-                                       return_tensors="pt").to(self.device)
+            prompts = [self.prompt_ids(r.messages) for r in requests]
+            batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
             sample = requests[0].temperature > 0
             with torch.no_grad():
                 out = self.model.generate(**batch, adapter_names=[r.model for r in requests],
@@ -117,31 +117,38 @@ class AdapterPool:
                                           do_sample=sample, temperature=requests[0].temperature if sample else None,
                                           eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id)
         results = []
-        for row, request in zip(out[:, batch["input_ids"].shape[1]:].tolist(), requests):
+        for row, request, prompt in zip(out[:, batch["input_ids"].shape[1]:].tolist(), requests, prompts):
             row = row[:request.max_tokens]
             end = next((i for i, t in enumerate(row) if t in self.stops), None)
             body = row if end is None else row[:end]
             reason = "length" if end is None else "stop"
             results.append({"text": self.tokenizer.decode(body, skip_special_tokens=True).strip(), "ids": body,
-                            "finish": reason})
+                            "finish": reason, "prompt_tokens": len(prompt)})
         return results
 
-    def stream(self, request: Request) -> Iterator[str]:
-        """Text pieces of one answer as they are generated (one request at a time)."""
+    def stream(self, request: Request, usage: dict | None = None) -> Iterator[str]:
+        """Text pieces of one answer as they are generated (one request at a time); at the end
+        `usage`, when given, receives the prompt and completion token counts."""
         from transformers import TextIteratorStreamer
 
         with self.lock:
             self.activate(request.model)
             ids = torch.tensor([self.prompt_ids(request.messages)], device=self.device)
+            out: list = []
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[request.model],
                           max_new_tokens=request.max_tokens, do_sample=False, eos_token_id=self.stops,
                           pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
-            thread = threading.Thread(target=self._generate_quietly, kwargs=kwargs)
+            thread = threading.Thread(target=self._generate_quietly, args=(out,), kwargs=kwargs)
             thread.start()
             yield from streamer
             thread.join()
+            if usage is not None and out:
+                new = out[0][0, ids.shape[1]:].tolist()
+                end = next((i for i, t in enumerate(new) if t in self.stops), len(new))
+                usage.update(prompt_tokens=ids.shape[1], completion_tokens=end,
+                             finish="stop" if end < len(new) else "length")
 
-    def _generate_quietly(self, **kwargs: Any) -> None:
+    def _generate_quietly(self, out: list, **kwargs: Any) -> None:
         with torch.no_grad():
-            self.model.generate(**kwargs)
+            out.append(self.model.generate(**kwargs))

@@ -66,6 +66,11 @@ def parse_request(body: dict, pool: AdapterPool) -> Request:
                    max_tokens=int(body.get("max_tokens") or 128), temperature=float(body.get("temperature") or 0.0))
 
 
+def usage(prompt: int, completion: int) -> dict:
+    """Token counts as the OpenAI API reports them."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def make_handler(pool: AdapterPool, batcher: Batcher) -> type:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -100,7 +105,7 @@ def make_handler(pool: AdapterPool, batcher: Batcher) -> type:
                 return
             rid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
             if body.get("stream"):
-                self._stream(request, rid, created)
+                self._stream(request, rid, created, body)
                 return
             try:
                 result = batcher.submit(request)
@@ -110,9 +115,9 @@ def make_handler(pool: AdapterPool, batcher: Batcher) -> type:
             self._json(200, {"id": rid, "object": "chat.completion", "created": created, "model": request.model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                                           "finish_reason": result["finish"]}],
-                             "usage": {"completion_tokens": len(result["ids"])}})
+                             "usage": usage(result["prompt_tokens"], len(result["ids"]))})
 
-        def _stream(self, request: Request, rid: str, created: int) -> None:
+        def _stream(self, request: Request, rid: str, created: int, body: dict) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
@@ -125,10 +130,16 @@ def make_handler(pool: AdapterPool, batcher: Batcher) -> type:
                 self.wfile.flush()
 
             event({"role": "assistant"})
-            for piece in pool.stream(request):
+            counts: dict = {}
+            for piece in pool.stream(request, counts):
                 if piece:
                     event({"content": piece})
-            event({}, "stop")
+            event({}, counts.get("finish", "stop"))
+            if (body.get("stream_options") or {}).get("include_usage") and counts:
+                # As the OpenAI API does: one last chunk with no choices and the request's usage.
+                last = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": request.model,
+                        "choices": [], "usage": usage(counts["prompt_tokens"], counts["completion_tokens"])}
+                self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             self.close_connection = True
