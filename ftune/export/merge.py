@@ -6,7 +6,9 @@ turned back into plain linear layers (QLoRA's 4-bit base is dequantised before t
 folded in; QA-LoRA's merged INT4 groups are dequantised), and the result is cast to the chosen
 dtype and saved with safetensors, the tokenizer and its chat template, and a generation config
 whose EOS includes the template's end-of-turn token. The folder is written under a temporary name
-and renamed, so an interrupted merge never leaves a half-written model behind. A 4-bit QA-LoRA run
+and renamed, so an interrupted merge never leaves a half-written model behind. QA-LoRA's groups are
+the ones its training saved with the adapter, not a re-quantisation of the float32 base (which
+would move codes that a bf16 run fitted to the bf16-rounded weights). A 4-bit QA-LoRA run
 also keeps its merged groups (codes, scales, zero-points) in `ftune_qalora/groups.safetensors`, so
 export-gguf can write them as q4_1 blocks exactly instead of re-quantising the dequantised weights.
 """

@@ -2,9 +2,10 @@
 
 - peft methods: the standard peft folder (PeftModel.from_pretrained loads it without ftune).
 - full and freeze: a complete Hugging Face model folder.
-- ftune's own methods (bitfit, adapter, dylora): `ftune_adapter.json` (the method config and
-  base model) + `adapter.safetensors` (the trained tensors); `load_trained` re-applies the method
-  to a base model and loads them.
+- ftune's own methods (bitfit, adapter, dylora, qalora): `ftune_adapter.json` (the method config
+  and base model) + `adapter.safetensors` (the trained tensors); `load_trained` re-applies the
+  method to a base model and loads them. QA-LoRA also saves its quantised base
+  (`qalora_base.safetensors`, see ftune.methods.qalora), which the reload uses as it is.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: P
         save_file(state, str(out / "adapter.safetensors"))
         meta = {"format": FORMAT, "method": dataclasses.asdict(saved_method), "base_model": base_path}
         (out / "ftune_adapter.json").write_text(json.dumps(meta, indent=2))
+        if method.name == "qalora":  # its quantised base is part of the trained model
+            from ftune.methods.qalora import save_base_state
+
+            save_base_state(model, out, method.bits)
     tokenizer.save_pretrained(out)
     return out
 
@@ -88,7 +93,12 @@ def load_trained(base_model: Any, folder: Path) -> Any:
     if meta.get("format") != FORMAT:
         raise FtuneError(f"{folder}: not an ftune adapter folder (format {meta.get('format')})")
     method = SCHEMAS["method"][meta["method"]["name"]](**meta["method"])
-    model = apply(base_model, SimpleNamespace(method=method), Setup(total_steps=1, model_path=meta["base_model"]))
+    if method.name == "qalora":  # the groups training saved, not a new quantisation of this base
+        from ftune.methods.qalora import apply_saved
+
+        model = apply_saved(base_model, method, Path(folder))
+    else:
+        model = apply(base_model, SimpleNamespace(method=method), Setup(total_steps=1, model_path=meta["base_model"]))
     tensors = load_file(str(Path(folder) / "adapter.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in tensors if n not in params]
