@@ -35,6 +35,10 @@ def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: P
     """`state_dict`: whole tensors gathered from shards (FSDP); None reads them from the model."""
     if is_peft(model) or method.name in FULL_MODEL_METHODS:
         model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if method.name == "longlora":  # its RoPE scaling is in the base config, not in a peft folder
+            from ftune.methods.longlora import save_rope_note
+
+            save_rope_note(model, out, method)
     else:
         state, saved_method = native_state(model, method, state_dict)
         out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +81,9 @@ def attach_trained(base_model: Any, folder: Path, allow_pickle: bool = False, tr
             return load_trained(base_model, folder)
         from peft import PeftModel
 
+        from ftune.methods.longlora import restore_rope
+
+        restore_rope(base_model, folder)  # LongLoRA: the RoPE scaling the adapter was trained with
         return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)
     except FtuneError:
         raise
