@@ -1,5 +1,6 @@
 """`ftune export-gguf`: names, permutation, tokenizer and metadata are checked by loading the file
-back (llama.cpp when installed, else transformers' GGUF reader) and comparing logits."""
+back in llama.cpp (the `gguf` extra, part of `make setup`) and comparing logits with the Hugging
+Face model's, and llama.cpp's own tokenizer on the file with the Hugging Face tokenizer."""
 
 from __future__ import annotations
 
@@ -13,8 +14,19 @@ import pytest
 from ftune.config.compose import compose
 from ftune.errors import FtuneError
 from ftune.export import gguf as export_mod
-from ftune.export.gguf_writer import gguf_name, permute_rotary
+from ftune.export import gguf_writer
+from ftune.export.gguf_writer import gguf_name, permute_rotary, write_gguf
 from ftune.train.run import train
+
+# Text that tells tokenizers apart: accents, CJK, emoji, long numbers, runs of spaces, tabs and
+# newlines, code, contractions, and the chat template's special tokens (whole, next to text and spaces).
+TOKENIZER_TEXTS = [
+    "what is the capital of france? paris!", "Café naïve résumé über ÅÄÖ ñ ß œ", "日本語のテキスト 中文 한국어",
+    "emoji 🙂👍🏽 and 👨‍👩‍👧 done", "12345678901234567890 and 3.14159, 1,000,000 on 2024-05-17 x1 9",
+    "a  b   c    d", "tab\there\t\tx\n\nnewline\r\n end  ", "   leading spaces", "trailing   ", "\n\n\n", " \t \n ",
+    "def f(x):\n    return x**2  # square\n", "it's we'll they've I'M don't",
+    "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>y<|endoftext|>z", " <|im_start|> a ",
+]
 
 
 @pytest.fixture()
@@ -36,6 +48,7 @@ def test_tensor_names_and_rotary_permutation():
 def test_export_of_a_run_loads_back_with_the_same_predictions(lora_run, tmp_path, quant, min_top1):
     path, result = export_mod.export(lora_run, quant, tmp_path / f"m-{quant}.gguf")
     assert path.is_file() and path.stat().st_size > 0
+    assert result.verifier == "llama.cpp"  # the gguf extra is installed: its absence fails here
     assert result.top1_agreement >= min_top1, result
     assert len(result.answers) == len(export_mod.PROMPTS)
 
@@ -78,7 +91,6 @@ def test_transformers_verifier_when_llama_cpp_is_missing(lora_run, tmp_path, mon
     assert result.verifier == "transformers" and result.top1_agreement >= 0.9
 
 
-@pytest.mark.skipif(not export_mod.has_llama_cpp(), reason="llama-cpp-python not installed")
 def test_k_quant_through_llama_cpp(lora_run, tmp_path):
     path, result = export_mod.export(lora_run, "q6_k", tmp_path / "k.gguf")
     assert result.verifier == "llama.cpp" and path.stat().st_size > 0 and result.top1_agreement >= 0.5
@@ -108,7 +120,7 @@ def test_qalora_q4_1_is_written_from_the_codes(tiny_overrides, tmp_path, group_s
     path, result = export_mod.export(folder, "q4_1", tmp_path / "q.gguf", notes=notes)
     modules = 2 * 7  # 2 layers x q k v o gate up down
     assert notes == [f"{modules} QA-LoRA layers written as q4_1 blocks without re-quantisation"]
-    assert result.verifier == "llama.cpp" or not export_mod.has_llama_cpp()
+    assert result.verifier == "llama.cpp"
     assert result.top1_agreement >= 0.9, result
 
     groups, weights = load_file(folder / QALORA_GROUPS), load_file(folder / "model.safetensors")
@@ -171,30 +183,173 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
     assert not (tmp_path / "foo.gguf").exists()
 
 
-def test_qwen2_export_loads_back_with_the_same_predictions(tmp_path):
+def _tiny_model(folder, tokenizer, arch="llama", init=0.02, hidden=64, layers=2):
+    """A random Llama or Qwen2 (4 heads, 2 KV heads) with `tokenizer`, saved in `folder`."""
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, **({"rope_theta": 1000000.0} if arch == "qwen2" else {}))
+    torch.manual_seed(0)
+    model = model_cls(config)
+    if arch == "qwen2":
+        with torch.no_grad():  # random init leaves the q/k/v biases at zero; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_llama_export_gets_the_rotary_permutation_right(tmp_path, monkeypatch):
+    """llama.cpp's llama runs rope on interleaved pairs, so q/k rows must be permuted from HF's halves.
+
+    The shared tiny model (init 0.02) cannot show it: its attention is nearly uniform and a wrong
+    q/k row order still agrees on every token. At init 0.2 it cannot hide: the file written with
+    the permutation skipped, or applied to q only, is checked to lose the agreement here too."""
+    from conftest import make_tiny_tokenizer
+
+    folder = tmp_path / "tiny-llama-sharp"
+    _tiny_model(folder, make_tiny_tokenizer(folder), "llama", init=0.2)
+    path, result = export_mod.export(folder, "f16", tmp_path / "llama.gguf")
+    assert result.verifier == "llama.cpp"
+    assert result.top1_agreement == 1.0 and result.max_logit_diff < 0.1, result
+
+    rows = gguf_writer.to_ggml_rows
+    broken = {"unpermuted": lambda array, arch, name, n_head, n_kv: array,
+              "q only": lambda array, arch, name, n_head, n_kv:
+                  array if name.endswith("attn_k.weight") else rows(array, arch, name, n_head, n_kv)}
+    for label, wrong in broken.items():
+        monkeypatch.setattr(gguf_writer, "to_ggml_rows", wrong)
+        _, bad = export_mod.export(folder, "f16", tmp_path / "wrong.gguf")
+        assert bad.top1_agreement < 0.8, (label, bad)
+
+
+def test_qwen2_export_loads_back_with_the_same_predictions(tmp_path):
     from conftest import make_tiny_tokenizer
     from safetensors.numpy import load_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder = tmp_path / "tiny-qwen2"
-    tokenizer = make_tiny_tokenizer(folder)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         # At the default 0.02 the attention is nearly uniform and a wrong q/k row order
-                         # still agrees on every token (measured); at 0.2 it drops to 20% agreement.
-                         initializer_range=0.2)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # random init leaves the q/k/v biases at zero; make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    model.save_pretrained(folder)
+    # At the default 0.02 the attention is nearly uniform and a wrong q/k row order still agrees on
+    # every token (measured); at 0.2 it drops to 20% agreement.
+    _tiny_model(folder, make_tiny_tokenizer(folder), "qwen2", init=0.2)
     assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # tied: llama.cpp reuses token_embd
     path, result = export_mod.export(folder, "f16", tmp_path / "qwen2.gguf")
-    assert result.verifier == "llama.cpp" or not export_mod.has_llama_cpp()
+    assert result.verifier == "llama.cpp"
     # Logits span about +-5; f16 weights move them by 0.015 (measured).
     assert result.top1_agreement == 1.0 and result.max_logit_diff < 0.1, result
+
+
+# The Split regexes of Llama 3's and Qwen2's tokenizer.json (numbers in threes / one digit at a time).
+SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _shaped_tokenizer(folder, shape):
+    """A small byte-level BPE with the pre-tokenizer of a model family, trained on varied text.
+
+    shape: "gpt-2" (ByteLevel's own regex), "smollm" (single digits, then that regex), "llama-bpe"
+    and "qwen2" (their Split regex, then ByteLevel without one); named as llama.cpp names them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CHATML
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=shape in ("gpt-2", "smollm"))
+    steps = {"gpt-2": [], "smollm": [pre_tokenizers.Digits(individual_digits=True)],
+             **{name: [pre_tokenizers.Split(Regex(split), behavior="isolated")] for name, split in SPLITS.items()}}
+    steps = steps[shape]
+    tok = Tokenizer(models.BPE(ignore_merges=shape == "llama-bpe"))  # as Llama 3's tokenizer.json
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, byte_level]) if steps else byte_level
+    tok.decoder = decoders.ByteLevel()
+    corpus = [t.replace("<|im_start|>", "").replace("<|im_end|>", "") for t in TOKENIZER_TEXTS] * 3 + \
+             [f"the answer is {i * 37} or {i}.{i * 3} , said {i}'s  friend\n\tthen   {i * 1001}" for i in range(100)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken("<think>", normalized=False, special=False)])  # user-defined, not special
+    if shape == "llama-bpe":  # Llama 3 puts its BOS before every text it encodes
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B",
+            special_tokens=[("<|im_start|>", tok.token_to_id("<|im_start|>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+def _assert_llama_cpp_tokenizes_like_hf(folder, path, texts=TOKENIZER_TEXTS):
+    """llama.cpp's tokenizer on the GGUF file vs the HF tokenizer of `folder`, token for token."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        assert llm.n_vocab() == len(hf)
+        for text in texts:
+            want = hf.encode(text, add_special_tokens=False)
+            got = llm.tokenize(text.encode(), add_bos=False, special=True)
+            assert got == want, (text, hf.convert_ids_to_tokens(got), hf.convert_ids_to_tokens(want))
+            # With the tokenizer's own BOS/EOS choice on both sides (tokenizer.ggml.add_bos_token).
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf.encode(text), text
+            assert llm.detokenize(got, special=True).decode() == hf.decode(want), text
+    finally:
+        llm.close()
+    return hf
+
+
+def _pre_name(path):
+    import gguf
+
+    return gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents()
+
+
+def test_llama_cpp_tokenizes_the_tiny_model_like_hf(tiny_model_dir, tmp_path):
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f16").path
+    assert _pre_name(path) == "gpt-2"  # ByteLevel's regex; llama.cpp's "default" cuts " 3.14" differently
+    _assert_llama_cpp_tokenizes_like_hf(tiny_model_dir, path)
+
+
+@pytest.mark.parametrize("shape", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_tokenizes_each_pre_tokenizer_like_hf(tmp_path, shape):
+    # The folder is named after no family, so only tokenizer.json can tell the writer the split.
+    folder = tmp_path / "tiny"
+    _tiny_model(folder, _shaped_tokenizer(folder, shape), "llama", hidden=16, layers=1)
+    path = write_gguf(folder, tmp_path / "t.gguf", "f16").path
+    assert _pre_name(path) == shape
+    hf = _assert_llama_cpp_tokenizes_like_hf(folder, path, [*TOKENIZER_TEXTS, "<think>x</think> <think>"])
+    assert hf.convert_ids_to_tokens(hf.encode("<think>", add_special_tokens=False)) == ["<think>"]
+
+
+@pytest.mark.real
+def test_llama_cpp_tokenizes_the_default_model_like_hf(tmp_path):
+    """The real default model: ftune's export of its converted folder tokenizes like the HF
+    tokenizer ftune trains with, and like llama.cpp on the GGUF file it ships as."""
+    import llama_cpp
+
+    from ftune import resources
+    from ftune.models.load import resolve_model_path
+
+    cfg = compose([]).cfg
+    folder = resolve_model_path(cfg.model)
+    path = write_gguf(folder, tmp_path / "smollm2.gguf", "f16").path
+    _assert_llama_cpp_tokenizes_like_hf(folder, path)
+    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    shipped = llama_cpp.Llama(model_path=str(resources.resolve_path(cfg.model.path)), vocab_only=True, verbose=False)
+    try:
+        for text in TOKENIZER_TEXTS:
+            assert ours.tokenize(text.encode(), add_bos=False, special=True) == \
+                shipped.tokenize(text.encode(), add_bos=False, special=True), text
+    finally:
+        ours.close()
+        shipped.close()

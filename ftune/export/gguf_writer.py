@@ -40,8 +40,16 @@ BLOCK = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm
          "mlp.down_proj.weight": "ffn_down.weight"}
 TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
        "lm_head.weight": "output.weight"}
-# Pre-tokenizer names llama.cpp knows, by model family (it picks the regex by this name).
+# Pre-tokenizer names llama.cpp knows (it picks its split regex by this name), by model family: the
+# fallback when tokenizer.json's pre_tokenizer has none of the shapes _pre_tokenizer recognises.
 PRE = {"smollm": "smollm", "llama-3": "llama-bpe", "llama3": "llama-bpe", "qwen": "qwen2"}
+# The Split regexes of Llama 3's and Qwen2's tokenizer.json (as quoted in llama.cpp's llama-vocab.cpp).
+SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
 Q4_1_BLOCK = 32  # weights per q4_1 block, along a row
 # What a QA-LoRA folder exported as q4_0 tells the user (they asked for 4-bit and get a re-fit).
 Q4_0_NOTE = ("q4_0 stores no zero-point (value = d*(q-8)), so QA-LoRA's merged zero-points cannot be kept: "
@@ -159,7 +167,27 @@ def tensor_type(name: str, array: np.ndarray, quant: str) -> Any:
     return chosen if array.shape[-1] % block == 0 else q.F16  # rows that do not fill blocks
 
 
-def _pre_tokenizer(folder: Path, config: dict) -> str:
+def _pre_tokenizer(folder: Path, config: dict, data: dict) -> str:
+    """llama.cpp's name for the split that tokenizer.json (`data`) does before its byte-level BPE.
+
+    A plain ByteLevel pre-tokenizer splits with GPT-2's regex: "gpt-2". llama.cpp's "default" is
+    not that (it splits punctuation runs and numbers off their space, numbers in threes). A
+    tokenizer.json with none of the shapes below falls back to the model family's name.
+    """
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    last = steps[-1] if steps else {}
+    if kinds and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space", False):
+        regex = last.get("use_regex", True)
+        if kinds == ["ByteLevel"] and regex:
+            return "gpt-2"
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and regex:
+            return "smollm"  # each digit alone, then GPT-2's regex
+        if kinds == ["Split", "ByteLevel"] and not regex and steps[0].get("behavior") == "Isolated":
+            name = SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+            if name:
+                return name
     text = (json.dumps(config) + str(folder)).lower()
     return next((value for key, value in PRE.items() if key in text), "default")
 
@@ -184,7 +212,7 @@ def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, config: dict) -> 
         types.append(kind)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(folder, config))
+    writer.add_tokenizer_pre(_pre_tokenizer(folder, config, data))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -192,7 +220,12 @@ def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, config: dict) -> 
                           ("add_pad_token_id", tokenizer.pad_token), ("add_unk_token_id", tokenizer.unk_token)):
         if token is not None and token in vocab:
             getattr(writer, setter)(vocab[token])
-    writer.add_add_bos_token(False)
+    # llama.cpp adds BOS/EOS to a text it encodes only when the file says to: say what the HF
+    # tokenizer does (Llama 3 puts its BOS first; SmolLM2 and Qwen2 add nothing).
+    plain, full = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (False, True))
+    bos, eos = [tokenizer.bos_token_id], [tokenizer.eos_token_id]
+    writer.add_add_bos_token(full in (bos + plain, bos + plain + eos))
+    writer.add_add_eos_token(full in (plain + eos, bos + plain + eos))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
