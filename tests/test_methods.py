@@ -36,7 +36,9 @@ METHODS = {
     "prefix": (["method.num_virtual_tokens=5", "method.encoder_hidden_size=32"],
                5 * KV + (KV * 32 + 32) + (32 * L * 2 * KV + L * 2 * KV)),  # embedding + MLP to all layers' K,V
     "ptuning-v2": (["method.num_virtual_tokens=5"], 5 * L * 2 * KV),
-    "adapter": (["method.bottleneck=8"], L * 2 * ((H * 8 + 8) + (8 * H + H))),
+    # two bottlenecks per layer (down H x 8 + bias, up 8 x H + bias) + the RMSNorms (Houlsby trains
+    # the norms): two per layer and the final one
+    "adapter": (["method.bottleneck=8"], L * 2 * ((H * 8 + 8) + (8 * H + H)) + (L * 2 + 1) * H),
     "ia3": ([], L * (KV + KV + I)),  # k and v outputs, down_proj input
     "loha": (["method.r=4"], L * 2 * 4 * (Q + K + V + O)),
     # LoKr: W ~ w1 (x) w2 with out = a*b, in = c*d split near the square root (64 = 8*8, 32 = 4*8);
@@ -111,6 +113,21 @@ def test_saved_method_reloads_with_identical_outputs(method, tiny_overrides, tin
     reloaded = PeftModel.from_pretrained(base, out) if is_peft(model) else load_trained(base, out)
     got = reloaded.eval()(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_trains_the_norms_unless_told_not_to(tiny_overrides, tiny_model_dir):
+    """Houlsby et al. train the layer norms with the bottlenecks; method.train_norms=false does not."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    h, layers = config.hidden_size, config.num_hidden_layers
+    bottlenecks = layers * 2 * ((h * 8 + 8) + (8 * h + h))  # after attention and after the MLP
+    norms = (2 * layers + 1) * h  # RMSNorm weights: before attention, before the MLP, and the final norm
+    for train_norms, expected in (("true", bottlenecks + norms), ("false", bottlenecks)):
+        _, model, _ = _setup(tiny_overrides, "adapter", ["method.bottleneck=8", f"method.train_norms={train_norms}"])
+        assert count_parameters(model)[0] == expected
+        trained = [n for n, p in model.named_parameters() if p.requires_grad and "norm" in n]
+        assert len(trained) == (2 * layers + 1 if train_norms == "true" else 0)
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate(tiny_overrides):

@@ -142,6 +142,9 @@ class AdapterConfig(MethodConfig):
     """attn (after self-attention) | mlp (after the feed-forward block) | both (Houlsby)."""
     activation: str = "gelu"
     """gelu | relu | silu."""
+    train_norms: bool = True
+    """Also train the normalisation layers' weights (every decoder layer's and the final one), as
+    Houlsby et al. do; they are saved with the adapters. false: only the bottlenecks are trained."""
 
 
 @dataclass

@@ -3,6 +3,9 @@
 After the output projection of a sublayer (attention and/or feed-forward), before the residual
 add: h + up(act(down(h))). `up` starts at zero, so the adapted model equals the base model at
 step 0. The non-linearity means the adapter cannot be merged into the base weights.
+
+As in the paper, the normalisation layers' weights are trained too (method.train_norms; they are
+saved with the bottlenecks and loaded back with them).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from ftune.errors import FtuneError
 from ftune.methods import METHODS, Setup, freeze_all
+from ftune.methods.bitfit import norm_parameters
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 # Output projections of a decoder layer's sublayers, by common naming.
@@ -55,4 +59,7 @@ def apply_adapter(model: Any, cfg: Any, setup: Setup) -> Any:
                          [f"looked for modules named {', '.join(PLACES['attn'] + PLACES['mlp'])}"])
     for parent, child in targets:
         setattr(parent, child, BottleneckAdapter(getattr(parent, child), m.bottleneck, m.activation))
+    if m.train_norms:  # Houlsby et al. train the layer norms with the adapters
+        for p in norm_parameters(model):
+            p.requires_grad_(True)
     return model
