@@ -95,11 +95,15 @@ def evaluate_ranks(model: Any, ranks: list[int], evaluate: Callable[[], float]) 
     return out
 
 
-def truncated_state(model: Any, rank: int) -> dict[str, torch.Tensor]:
-    """The adapter tensors cut to `rank` (a rank-`rank` DyLoRA adapter)."""
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DyLoraLinear):
-            state[f"{name}.lora_A"] = module.lora_A[:rank].detach().contiguous().cpu()
-            state[f"{name}.lora_B"] = module.lora_B[:, :rank].detach().contiguous().cpu()
-    return state
+def truncated_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The adapter tensors (whole ones, gathered from shards if need be) cut to `rank`: a rank-`rank`
+    DyLoRA adapter, equal to the trained one evaluated at that rank (same alpha, scaled by alpha /
+    rank either way)."""
+    cut = {}
+    for name, tensor in state.items():
+        if name.endswith(".lora_A"):
+            tensor = tensor[:rank]
+        elif name.endswith(".lora_B"):
+            tensor = tensor[:, :rank]
+        cut[name] = tensor.contiguous()
+    return cut

@@ -55,13 +55,14 @@ def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: P
 
 def native_state(model: Any, method: Any, state_dict: dict | None = None) -> tuple[dict, Any]:
     """Tensors to save and the method config that rebuilds them (DyLoRA: cut to save_rank)."""
+    if state_dict is not None:
+        state = {n: t.contiguous() for n, t in state_dict.items()}
+    else:
+        state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     if method.name == "dylora" and method.save_rank and method.save_rank != method.r:
         from ftune.methods.dylora import truncated_state
 
-        return truncated_state(model, method.save_rank), dataclasses.replace(method, r=method.save_rank)
-    if state_dict is not None:
-        return {n: t.contiguous() for n, t in state_dict.items()}, method
-    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return truncated_state(state, method.save_rank), dataclasses.replace(method, r=method.save_rank)
     return state, method
 
 
