@@ -4,6 +4,8 @@ and the saved result reloads (in plain peft where peft knows the method) with id
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -91,7 +93,7 @@ def test_method_trains_exactly_its_parameters(method, tiny_overrides):
     for step in range(4):
         batch = collate(samples[(step % 2) * 4:(step % 2) * 4 + 4], tok.pad_token_id)
         losses.append(train_step(model, CAUSAL_LM, [batch], accelerator, optimizer, scheduler, 1.0, hooks, step)["loss"])
-    assert all(x == x for x in losses)
+    assert all(math.isfinite(x) for x in losses)
     params = dict(model.named_parameters())
     changed = {n for n, p in params.items() if not torch.equal(p.detach(), before[n])}
     if method == "adalora":  # a matrix whose whole rank budget was pruned keeps E at its zero init
@@ -281,4 +283,4 @@ def test_every_method_runs_both_stages_end_to_end(method, stage, tiny_overrides)
     packing = ["dataset.packing=false"] if method == "longlora" else []
     summary = train(compose([*tiny_overrides, f"method={method}", *extra, *data, *packing, "train.max_steps=2",
                              f"train.run_name={method}-{stage}", "dataset.eval_max_rows=8"]))
-    assert summary["steps"] == 2 and summary["eval_loss_after"] == summary["eval_loss_after"]
+    assert summary["steps"] == 2 and math.isfinite(summary["eval_loss_after"])
