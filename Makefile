@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast bench bench-accuracy clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ BENCH_ARGS ?=
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# Adapter accuracy, ftune vs the same baseline, on a JSON-extraction task (~35 min per seed on 2 busy
+# CPU cores): bench/accuracy.md and bench/accuracy.json. make bench-accuracy ACCURACY_ARGS="--seeds 1"
+ACCURACY_ARGS ?=
+bench-accuracy: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_accuracy.py $(ACCURACY_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
