@@ -47,7 +47,7 @@ def template_names() -> list[str]:
 
 # Methods whose rows cannot be packed, and why.
 NO_PACKING = {**{m: "virtual tokens are prepended to every row" for m in ("prompt", "ptuning", "prefix", "ptuning-v2")},
-              "longlora": "S²-Attn shifts tokens across the whole row, which would mix packed samples"}
+              "longlora": "S²-Attn cuts its attention groups over the whole row, not per packed sample"}
 
 
 def derive(cfg: FtuneConfig) -> list[str]:
