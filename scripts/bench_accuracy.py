@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=int, default=2400, help="seconds one worker may take")
     p.add_argument("--workdir", default="")
     p.add_argument("--out", type=Path, default=ROOT / "bench")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="merge the runs of earlier accuracy.json files (seeds or arms run separately, e.g. "
+                        "at the same time) into --out, with the summary and report; trains nothing")
     p.add_argument("--worker", choices=["baseline", "score"], help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -265,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         print(MARK + json.dumps(result), flush=True)
         return
 
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     from bench_accuracy_data import build, write_jsonl
 
     if args.threads:
@@ -358,6 +364,31 @@ def summarise(results: dict, seeds: list[int], arms: list[str]) -> dict:
         p = min(1.0, 2 * sum(math.comb(n, k) for k in range(lo + 1)) / 2 ** n) if n else 1.0
         out["paired"] = {"diff_mean": m, "diff_sd": sd, "diffs": diffs, **pooled, "pooled_sign_test_p": p}
     return out
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One accuracy.json from several: runs by seed and arm (a later file adds arms and seeds, it
+    never replaces a run), settings of the first, each file's own settings kept under `parts`."""
+    parts = [json.loads(p_.read_text()) for p_ in paths]
+    results = {k: v for k, v in parts[0].items() if k not in ("runs", "summary")}
+    results["runs"], results["parts"] = {}, []
+    for part in parts:
+        results["parts"].append({"settings": part["settings"], "finished": part.get("finished"),
+                                 "seeds_arms": {sd: sorted(run) for sd, run in part["runs"].items()}})
+        for sd, run in part["runs"].items():
+            for arm, value in run.items():
+                results["runs"].setdefault(sd, {}).setdefault(arm, value)
+    seeds = sorted(int(sd) for sd in results["runs"])
+    arms = [a for a in ("ftune", "baseline") if all(a in results["runs"][str(sd)] for sd in seeds)]
+    results["settings"] = {**results["settings"], "seeds": seeds, "seeds_done": seeds, "arms": ",".join(arms)}
+    results["summary"] = summarise(results, seeds, arms)
+    results["finished"] = max(part.get("finished") or "" for part in parts)
+    results["total_seconds"] = sum(part.get("total_seconds", 0) for part in parts)
+    _save(results, out)
+    from bench_accuracy_report import write_report
+
+    (out / "accuracy.md").write_text(write_report(results))
+    print(json.dumps(results["summary"], indent=2))
 
 
 def _save(results: dict, out: Path) -> None:

@@ -52,6 +52,14 @@ def write_report(r: dict) -> str:
     if "base" in r:
         lines.append(f"The untrained base model scores {_f(r['base']['exact_match'])} exact "
                      f"({_f(r['base']['parsed'])} of its answers parse as JSON).")
+    same = []
+    for sd in seeds:
+        run = r["runs"].get(str(sd), {})
+        if {"ftune", "baseline"} <= set(run):
+            a, b = run["ftune"]["score"]["items"], run["baseline"]["score"]["items"]
+            same.append(f"seed {sd} {sum(x['answer'] == y['answer'] for x, y in zip(a, b))} of {len(a)}")
+    if same:
+        lines.append("Test prompts where both adapters generate the very same text: " + "; ".join(same) + ".")
     lines.append("Field accuracy (share of requested fields right): "
                  + "; ".join(f"{a} {_f(summ[a]['field_accuracy_mean'])}" for a in arms) + ".")
     lines += ["", "## Test-answer loss (teacher-forced, per token; paired per prompt)", "",
