@@ -71,7 +71,7 @@ steps allow. tokens/s count input tokens (virtual tokens excluded) on 2 CPU core
 | full, freeze | all weights / the last N layers | Hugging Face model | nothing to merge |
 | bitfit | biases; norms on bias-free models (with a notice) | ftune adapter folder | trivially (base tensors) |
 | prompt, ptuning, prefix, ptuning-v2 | virtual tokens / their encoder / per-layer K,V prefixes | peft | refused: adds inputs, changes no weight |
-| adapter | Houlsby bottlenecks after attention and/or MLP | ftune adapter folder | refused: non-linear |
+| adapter | Houlsby bottlenecks after attention and/or MLP, plus the layer norms | ftune adapter folder | refused: non-linear |
 | ia3 | rescaling vectors of K, V and FFN activations | peft | exact (peft) |
 | lora, lora-attn (+ DoRA, rsLoRA, PiSSA, LoRA+) | low-rank A, B | peft | exact (peft) |
 | loha, lokr, adalora, vera | Hadamard / Kronecker / SVD-form / scaling vectors | peft | exact (peft) |
