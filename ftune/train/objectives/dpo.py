@@ -121,7 +121,8 @@ def kto_losses(stage: Any, logps: torch.Tensor, ref: torch.Tensor, z0: torch.Ten
 
 
 def _rows_of(batch: dict, part: slice) -> dict:
-    return {k: batch[k][part] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    """Some rows of a KTO batch (answers, or their KL rows), with their precomputed reference."""
+    return {k: batch[k][part] for k in ("input_ids", "attention_mask", "labels", "ref_logps") if k in batch}
 
 
 def kl_sums(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
@@ -131,7 +132,7 @@ def kl_sums(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     rows = _rows_of(batch, slice(n, None))
     with torch.no_grad():
         logps = sequence_logps(model, rows)[0]
-        ref = batch["ref_logps"][n:] if "ref_logps" in batch else reference_logps(model, rows)
+        ref = reference_logps(model, rows)
     return (logps.float() - ref.float()).sum(), n
 
 
@@ -144,11 +145,12 @@ def kto_prepare_step(model: Any, batches: list[dict], accelerator: Any) -> None:
     """z0 of the whole optimiser step: the mean over every KL row of every micro-batch, summed over
     the processes (the reference gathers the estimate over the processes). One step in N
     processes then equals the step in one, and accumulated micro-batches equal one batch."""
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    total, count = 0.0, 0
     for batch in batches:
         with accelerator.autocast():
-            total, count = kl_sums(model, batch)
-        totals += torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=totals.device)])
+            kl, n = kl_sums(model, batch)
+        total, count = total + float(kl), count + n
+    totals = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
     if distributed.world() > 1:
         totals = accelerator.reduce(totals, reduction="sum")
     z0 = kl_estimate(totals[0], int(totals[1]))
@@ -163,7 +165,7 @@ def make_kto(stage: Any) -> Objective:
         z0 = batch["kto_z0"] if "kto_z0" in batch else kl_estimate(*kl_sums(model, batch))
         answers = _rows_of(batch, slice(0, n))
         logps, _ = sequence_logps(model, answers)
-        ref = batch["ref_logps"][:n] if "ref_logps" in batch else reference_logps(model, answers)
+        ref = reference_logps(model, answers)
         desirable = batch["desirable"].bool()
         losses, rewards = kto_losses(stage, logps, ref, z0.to(logps.dtype), desirable)
         rewards = rewards.detach()
