@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup train test test-fast bench bench-accuracy clean
+.PHONY: setup train test test-fast bench bench-speed bench-accuracy clean
 
 setup: $(VENV)/.installed
 
@@ -37,16 +37,20 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real"
 
-# ftune vs transformers + peft + trl's SFTTrainer on the default workload (~10 min on 2 CPU cores):
-# bench/results.md and bench/results.json. Extra flags: make bench BENCH_ARGS="--steps 20 --rounds 3"
+# ftune vs transformers + peft + trl's SFTTrainer, two arms: speed (tokens/s, memory) on the default
+# workload, ~10 min on 2 CPU cores -> bench/results.md|json; and task accuracy of the trained adapters on
+# a JSON-extraction task, 3 seeds, ~35-45 min per seed -> bench/accuracy.md|json.
+#   make bench                  # both arms
+#   make bench-speed BENCH_ARGS="--steps 20 --rounds 3"
+#   make bench-accuracy ACCURACY_ARGS="--seeds 1"
 BENCH_ARGS ?=
-bench: setup
+ACCURACY_ARGS ?=
+bench: bench-speed bench-accuracy
+
+bench-speed: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
-# Adapter accuracy, ftune vs the same baseline, on a JSON-extraction task (~35 min per seed on 2 busy
-# CPU cores): bench/accuracy.md and bench/accuracy.json. make bench-accuracy ACCURACY_ARGS="--seeds 1"
-ACCURACY_ARGS ?=
 bench-accuracy: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_accuracy.py $(ACCURACY_ARGS)

@@ -4,7 +4,8 @@ SFTTrainer) on the same workload, in one invocation. Writes bench/results.md and
     .venv/bin/python scripts/bench.py                      # CPU defaults (~10 min on 2 cores)
     .venv/bin/python scripts/bench.py --steps 20 --rounds 3
     .venv/bin/python scripts/bench.py --device cuda        # GPU settings (bigger batch, more steps)
-    make bench                                             # installs the bench extra (trl), then the CPU run
+    make bench-speed                                       # installs the bench extra (trl), then the CPU run
+    make bench                                             # this and the accuracy arm (scripts/bench_accuracy.py)
 
 Workload: the default recipe (SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, SFT with the
 loss on the answers, the shipped instruction set), bf16 autocast. Arms:

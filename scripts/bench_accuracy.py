@@ -5,6 +5,7 @@ bench/accuracy.json.
     .venv/bin/python scripts/bench_accuracy.py                        # 3 seeds x 60 steps, 300 test prompts
     .venv/bin/python scripts/bench_accuracy.py --seeds 1 --steps 4 --test-n 20   # a quick trial
     make bench-accuracy                                               # the same as the first line
+    make bench                                                        # the speed arm (scripts/bench.py), then this
 
 Task (scripts/bench_accuracy_data.py): structured extraction from real records available offline,
 the METADATA text of the Python distributions installed on this machine -> a JSON object of a few
