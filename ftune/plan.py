@@ -164,10 +164,11 @@ def _meta_count(cfg: Any) -> int:
         model = AutoModelForCausalLM.from_config(config)
         meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
         if cfg.method.name == "qlora":  # the same adapter as LoRA; the 4-bit base is counted in weights
-            from ftune.config.schema import SCHEMAS
+            from ftune.methods import spec_of
 
-            fields = {f.name for f in dataclasses.fields(SCHEMAS["method"]["lora"])}
-            lora = SCHEMAS["method"]["lora"](**{k: v for k, v in vars(cfg.method).items() if k in fields and k != "name"})
+            schema = spec_of("lora").schema
+            fields = {f.name for f in dataclasses.fields(schema)}
+            lora = schema(**{k: v for k, v in vars(cfg.method).items() if k in fields and k != "name"})
             meta_cfg = dataclasses.replace(meta_cfg, method=lora)
         model = apply(model, meta_cfg, Setup(total_steps=1, model_path=str(cfg.model.path)))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -181,7 +181,7 @@ def test_a_run_directory_is_a_model_path_with_its_training_merged(tiny_overrides
     from transformers import AutoModelForCausalLM
 
     from ftune.config.compose import compose as compose_cfg
-    from ftune.models.load import load
+    from ftune.methods.runs import load_model as load
 
     train(compose(["recipe=smollm2-lora-sft", *tiny_overrides, "train.max_steps=3", "train.run_name=sft",
                    "train.lr=1e-2"]))

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from ftune.config.compose import GROUPS, compose, group_choices, recipe_names
-from ftune.config.schema import FtuneConfig, LoraConfig
+from ftune.config.schema import FtuneConfig
+from ftune.methods.lora import LoraConfig
 from ftune.errors import FtuneError
 
 EXPECTED_RECIPES = {"smollm2-lora-sft", "smollm2-full-sft", "smollm2-lora-pt", "qlora-llama7b", "lora-llama3-8b",

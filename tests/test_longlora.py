@@ -148,7 +148,7 @@ def test_tiny_model_trained_at_twice_its_context_reloads_with_its_rope_scaling(t
     from transformers import AutoModelForCausalLM
 
     from ftune.export.merge import merge_run
-    from ftune.models.runs import load_run
+    from ftune.methods.runs import load_run
 
     short, run_dir, summary = _train_at_twice_the_context(tiny_model_dir, tiny_overrides, tmp_path)
     assert summary["steps"] == 3 and math.isfinite(summary["eval_loss_after"])

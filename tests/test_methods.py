@@ -212,7 +212,7 @@ def test_merge_equals_the_adapter(method, tiny_overrides):
 
         set_rank(model, 4)
         expected = model(input_ids=ids).logits
-    merged = merge(model, method)
+    merged = merge(model, cfg.method)
     assert not is_peft(merged)
     assert not [n for n, p in merged.named_parameters() if "lora" in n or "adapter" in n]
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
@@ -224,9 +224,9 @@ def test_merge_refuses_with_the_reason(method, tiny_overrides):
     from ftune.methods.merge import merge
 
     extra, _ = METHODS[method]
-    _, model, _ = _setup(tiny_overrides, method, extra)
+    cfg, model, _ = _setup(tiny_overrides, method, extra)
     with pytest.raises(FtuneError, match="cannot be merged"):
-        merge(model, method)
+        merge(model, cfg.method)
 
 
 def test_qalora_merge_is_exact_and_stays_group_quantised(tiny_overrides):

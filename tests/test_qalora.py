@@ -15,7 +15,7 @@ import torch
 
 from ftune.config.compose import compose
 from ftune.export.merge import QALORA_GROUPS, merge_run
-from ftune.models.runs import load_run
+from ftune.methods.runs import load_run
 from ftune.train.run import train
 
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])

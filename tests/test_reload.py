@@ -119,7 +119,7 @@ def reloads(request, tiny_model_dir, tmp_path_factory):
 
     import ftune.train.run as run_module
     from ftune.config.compose import compose
-    from ftune.models.runs import load_run
+    from ftune.methods.runs import load_run
 
     cases = _selected(request)
     root = tmp_path_factory.mktemp("reload")
@@ -218,11 +218,11 @@ def test_dylora_cut_is_made_from_the_gathered_tensors(tiny_model_dir):
 
     from transformers import AutoModelForCausalLM
 
-    from ftune.config.schema import SCHEMAS
+    from ftune.methods.dylora import DyLoraConfig
     from ftune.methods import Setup, apply
     from ftune.methods.saving import native_state
 
-    method = SCHEMAS["method"]["dylora"](r=8, save_rank=DYLORA_CUT, target_modules=["q_proj"])
+    method = DyLoraConfig(r=8, save_rank=DYLORA_CUT, target_modules=["q_proj"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = apply(base, SimpleNamespace(method=method), Setup(total_steps=1, model_path=str(tiny_model_dir)))
     gathered = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}

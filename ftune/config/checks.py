@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 from ftune import resources
-from ftune.config.schema import FtuneConfig, FreezeConfig, LoraConfig
+from ftune.config.rules import choice as _choice
+from ftune.config.rules import positive as _positive
+from ftune.config.schema import FtuneConfig
 from ftune.data.formats import FORMATS
-from ftune.registry import did_you_mean
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -21,10 +22,6 @@ QUANTIZATION = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "last", "all")
-# Enumerated method fields, whichever method has them.
-METHOD_CHOICES = {"encoder": ("mlp", "lstm"), "placement": ("attn", "mlp", "both"),
-                  "activation": ("gelu", "relu", "silu"), "norms": ("auto", "always", "never"),
-                  "init": ("default", "gaussian", "pissa")}
 # Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
 STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",), "rm": ("pairwise",),
                     "ppo": ("ppo",)}
@@ -36,32 +33,24 @@ STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
                  "ppo": ("prompt", "alpaca", "qa", "messages", "sharegpt", "preference")}
 PPO_REWARDS = ("model", "length", "regex", "reference")
 DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo", "kto")
-# Methods whose model can run with the adapter disabled (the free DPO reference).
-PEFT_METHODS = ("lora", "qlora", "prompt", "ptuning", "prefix", "ptuning-v2", "ia3", "loha", "lokr",
-                "adalora", "vera", "longlora")
 
 
 def template_names() -> list[str]:
     return sorted(["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))])
 
 
-# Methods whose rows cannot be packed, and why.
-NO_PACKING = {**{m: "virtual tokens are prepended to every row" for m in ("prompt", "ptuning", "prefix", "ptuning-v2")},
-              "longlora": "S²-Attn cuts its attention groups over the whole row, not per packed sample"}
-
 
 def derive(cfg: FtuneConfig) -> list[str]:
     """Settings implied by other settings, applied once after composition; returns notes that
     tell the user what was changed."""
-    notes = []
-    if cfg.method.name in NO_PACKING or cfg.stage.name in ("dpo", "rm", "ppo"):
+    notes, no_packing = [], cfg.method.no_packing
+    if no_packing or cfg.stage.name in ("dpo", "rm", "ppo"):
         cfg.dataset.padding_free = False  # rows cannot be shared (see packing below)
-    if cfg.method.name in NO_PACKING and cfg.dataset.packing:
+    if no_packing and cfg.dataset.packing:
         cfg.dataset.packing = False
-        notes.append(f"method={cfg.method.name}: {NO_PACKING[cfg.method.name]}, so rows are not packed "
-                     "(dataset.packing=false)")
-    if cfg.method.name == "qlora" and cfg.model.quantization == "none":
-        cfg.model.quantization = "4bit"
+        notes.append(f"method={cfg.method.name}: {no_packing}, so rows are not packed (dataset.packing=false)")
+    if cfg.method.base_quantization and cfg.model.quantization == "none":
+        cfg.model.quantization = cfg.method.base_quantization
     if cfg.dataset.template is None:
         cfg.dataset.template = cfg.model.template
     if cfg.stage.name == "pt":
@@ -102,17 +91,6 @@ def _derive_scale_out(cfg: FtuneConfig) -> list[str]:
     return notes
 
 
-def _choice(problems: list[str], key: str, value: object, valid: tuple | list) -> None:
-    if value not in valid:
-        hint = did_you_mean(str(value), [str(v) for v in valid])
-        problems.append(f"{key} must be one of {', '.join(map(str, valid))} (got {value!r}).{hint}")
-
-
-def _positive(problems: list[str], key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        problems.append(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value})")
-
-
 def _check_model(cfg: FtuneConfig, problems: list[str]) -> None:
     m = cfg.model
     _choice(problems, "model.dtype", m.dtype, DTYPES)
@@ -125,53 +103,7 @@ def _check_model(cfg: FtuneConfig, problems: list[str]) -> None:
 
 
 def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
-    method = cfg.method
-    if isinstance(method, LoraConfig):
-        _positive(problems, "method.r", method.r)
-        _positive(problems, "method.alpha", method.alpha)
-        if not 0 <= method.dropout < 1:
-            problems.append(f"method.dropout must be in [0, 1) (got {method.dropout})")
-        if not method.target_modules:
-            problems.append("method.target_modules is empty; name modules (q_proj, v_proj) or use [all-linear]")
-        _choice(problems, "method.bias", method.bias, ("none", "all", "lora_only"))
-        _positive(problems, "method.loraplus_lr_ratio", method.loraplus_lr_ratio, allow_zero=True)
-        if method.name == "qlora" and cfg.model.quantization != "4bit":
-            problems.append(f"method=qlora needs model.quantization=4bit (got {cfg.model.quantization}); "
-                            "use method=lora for an unquantised or 8-bit base")
-    for key in ("num_virtual_tokens", "bottleneck", "init_r", "target_r", "encoder_hidden_size"):
-        if hasattr(method, key):
-            _positive(problems, f"method.{key}", getattr(method, key))
-    for key, valid in METHOD_CHOICES.items():
-        if hasattr(method, key):
-            _choice(problems, f"method.{key}", getattr(method, key), valid)
-    if method.name in ("loha", "lokr", "vera", "dylora", "ia3", "adalora") and not method.target_modules:
-        problems.append(f"method.target_modules is empty; name the modules {method.name} adapts")
-    if method.name in ("loha", "lokr", "vera", "dylora", "qalora"):
-        _positive(problems, "method.r", method.r)
-    if method.name == "longlora":
-        if method.context_factor < 1:
-            problems.append(f"method.context_factor must be >= 1 (got {method.context_factor})")
-        if not 0 < method.group_fraction <= 1:
-            problems.append(f"method.group_fraction must be in (0, 1] (got {method.group_fraction})")
-    if method.name == "qalora":
-        _positive(problems, "method.group_size", method.group_size)
-        if not 2 <= method.bits <= 8:
-            problems.append(f"method.bits must be in 2..8 (got {method.bits})")
-    if method.name == "adalora" and method.target_r > method.init_r:
-        problems.append(f"method.target_r ({method.target_r}) must be <= method.init_r ({method.init_r})")
-    if method.name == "adalora" and method.tinit + method.tfinal >= 1:
-        problems.append(f"method.tinit + method.tfinal must be < 1 (got {method.tinit} + {method.tfinal}): "
-                        "AdaLoRA needs steps between them to reallocate ranks")
-    if method.name == "dylora":
-        bad = [k for k in method.eval_ranks if not 1 <= k <= method.r]
-        if bad:
-            problems.append(f"method.eval_ranks must lie in 1..method.r={method.r} (got {bad})")
-        if not 0 <= method.save_rank <= method.r:
-            problems.append(f"method.save_rank must be 0 (full r) or in 1..{method.r} (got {method.save_rank})")
-    if isinstance(method, FreezeConfig):
-        _positive(problems, "method.trainable_layers", method.trainable_layers, allow_zero=True)
-        if method.trainable_layers == 0 and not method.trainable_modules:
-            problems.append("method=freeze trains nothing: set method.trainable_layers > 0 or method.trainable_modules")
+    problems += cfg.method.problems(cfg)  # each method's own rules, in its module
 
 
 def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
@@ -218,7 +150,7 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
         _positive(problems, "stage.beta", stage.beta)
         if stage.loss == "cdpo" and not 0 < stage.label_smoothing < 0.5:
             problems.append(f"stage.label_smoothing must be in (0, 0.5) for stage.loss=cdpo (got {stage.label_smoothing})")
-        if stage.loss not in ("simpo", "orpo") and cfg.method.name not in PEFT_METHODS and not stage.reference:
+        if stage.loss not in ("simpo", "orpo") and not cfg.method.adapter_reference and not stage.reference:
             problems.append(f"stage.loss={stage.loss} needs a reference model: with method={cfg.method.name} there is "
                             "no adapter to disable; set stage.reference=<model path or run dir>, use an adapter "
                             "method (lora, …), or stage.loss=simpo|orpo")
@@ -281,9 +213,8 @@ def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
         if cfg.stage.name == "ppo":
             problems.append("stage=ppo runs in one process in this release (one process generates the rollouts); "
                             "use hardware=single-gpu or hardware=cpu")
-        if cfg.method.name == "dylora":
-            problems.append("method=dylora samples a rank per step from each process's random state, which several "
-                            "processes would not share; train it in one process")
+        if cfg.method.one_process:
+            problems.append(f"method={cfg.method.name} {cfg.method.one_process}")
         if hw.strategy in ("fsdp", "deepspeed") and cfg.model.quantization != "none":
             problems.append(f"model.quantization={cfg.model.quantization} (qlora) with strategy={hw.strategy} is not "
                             "supported in this release; use strategy=ddp for QLoRA on several GPUs")
@@ -310,7 +241,7 @@ def _check_ppo(cfg: FtuneConfig, problems: list[str]) -> None:
             re.compile(st.reward_pattern or "(")
         except re.error as exc:
             problems.append(f"stage.reward_pattern is not a valid regular expression ({exc}); e.g. '\\d+'")
-    if cfg.method.name not in PEFT_METHODS:
+    if not cfg.method.adapter_reference:
         problems.append(f"stage=ppo needs a reference model for its KL penalty: with method={cfg.method.name} "
                         "there is no adapter to disable; use an adapter method (lora, qlora, …)")
     for key in ("max_new_tokens", "ppo_epochs", "mini_batches", "reward_target_length", "kl_horizon"):

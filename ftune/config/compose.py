@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ftune import resources
 from ftune.config.checks import derive, validate
-from ftune.config.schema import SCHEMAS, FtuneConfig
+from ftune.config.schema import FtuneConfig, all_schemas
 from ftune.errors import FtuneError
 from ftune.registry import unknown_name_error
 from ftune.yamlfile import read_mapping
@@ -31,15 +31,20 @@ DEFAULT_RECIPE = "smollm2-lora-sft"
 GROUPS = ("model", "method", "dataset", "stage", "hardware")
 
 
+_stored = False
+
+
 def _store_schemas() -> None:
+    """Every schema in Hydra's ConfigStore, once (the methods' after they have registered)."""
+    global _stored
+    if _stored:
+        return
     cs = ConfigStore.instance()
     cs.store(name="ftune_schema", node=FtuneConfig)
-    for group, choices in SCHEMAS.items():
+    for group, choices in all_schemas().items():
         for name, node in choices.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-
-
-_store_schemas()
+    _stored = True
 
 
 def group_choices(group: str) -> list[str]:
@@ -148,6 +153,7 @@ def _user_recipe(path_text: str, folder: Path) -> str:
 def compose(overrides: list[str] | None = None) -> Composed:
     """Compose, derive and validate. Raises FtuneError listing every problem found."""
     recipe, rest = split_overrides(list(overrides or []))
+    _store_schemas()
     with tempfile.TemporaryDirectory(prefix="ftune-recipe-") as extra:
         name, search = recipe, [resources.data_root()]
         if is_recipe_file(recipe):
@@ -175,9 +181,10 @@ def load_saved(path: Path) -> FtuneConfig:
     """Read a run directory's config.yaml back into a typed config (no recipe lookup)."""
     schema = OmegaConf.structured(FtuneConfig)
     data = OmegaConf.load(path)
-    method_schema = SCHEMAS["method"].get(str(data.method.name))
+    known = all_schemas()
+    method_schema = known["method"].get(str(data.method.name))
     if method_schema is None:
-        raise unknown_name_error("method", str(data.method.name), SCHEMAS["method"], key=f"{path}: method.name")
+        raise unknown_name_error("method", str(data.method.name), known["method"], key=f"{path}: method.name")
     schema.method = OmegaConf.structured(method_schema)
-    schema.stage = OmegaConf.structured(SCHEMAS["stage"].get(str(data.stage.name), SCHEMAS["stage"]["stage"]))
+    schema.stage = OmegaConf.structured(known["stage"].get(str(data.stage.name), known["stage"]["stage"]))
     return OmegaConf.to_object(OmegaConf.merge(schema, data))

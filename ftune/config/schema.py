@@ -12,10 +12,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from ftune.config.methods_schema import (AdaLoraConfig, AdapterConfig, BitFitConfig, DyLoraConfig, FreezeConfig,
-                                         FullConfig, IA3Config, LoHaConfig, LoKrConfig, LongLoraConfig, LoraConfig,
-                                         PrefixConfig, PromptConfig, PTuningConfig, PTuningV2Config,
-                                         QALoraConfig, QLoraConfig, VeraConfig)
+from ftune.config.methods_schema import MethodConfig  # noqa: F401 (the method group's base)
+from ftune.config.registry import schemas
 
 
 
@@ -380,21 +378,24 @@ class FtuneConfig:
     """One line shown by `ftune recipes`."""
     model: ModelConfig = MISSING
     method: Any = MISSING
+    """A MethodConfig subclass: the method's own schema (registered by its module in ftune/methods)."""
     dataset: DatasetConfig = MISSING
     stage: StageConfig = MISSING
     hardware: HardwareConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# Group -> {choice schema name -> dataclass}; compose.py stores these as schema/<group>/<name>.
+# Group -> {choice schema name -> dataclass} of the groups with a fixed set of schemas; the method
+# group's come from ftune.config.registry (each method module registers its own).
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"model": ModelConfig},
-    "method": {"full": FullConfig, "freeze": FreezeConfig, "lora": LoraConfig, "qlora": QLoraConfig,
-               "bitfit": BitFitConfig, "prompt": PromptConfig, "ptuning": PTuningConfig, "prefix": PrefixConfig,
-               "ptuning-v2": PTuningV2Config, "adapter": AdapterConfig, "ia3": IA3Config, "loha": LoHaConfig,
-               "lokr": LoKrConfig, "adalora": AdaLoraConfig, "dylora": DyLoraConfig, "vera": VeraConfig, "qalora": QALoraConfig,
-               "longlora": LongLoraConfig},
     "dataset": {"dataset": DatasetConfig},
     "stage": {"stage": StageConfig, "dpo": DpoStageConfig, "rm": RewardStageConfig, "ppo": PpoStageConfig},
     "hardware": {"hardware": HardwareConfig},
 }
+
+
+def all_schemas() -> dict[str, dict[str, type]]:
+    """Every group's schemas, the registered methods' included."""
+    return {**SCHEMAS, "method": schemas("method")}
+

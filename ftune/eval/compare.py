@@ -70,7 +70,8 @@ def intervals(scores: list[list[float]], tie: float, rounds: int = 200, seed: in
 def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.device) -> list[dict]:
     """Greedy answers of one contestant (a run with its method, or a model folder)."""
     from ftune.eval.report import generations
-    from ftune.models.runs import is_run_dir, load_run, run_config
+    from ftune.methods.runs import load_model, load_run
+    from ftune.models.runs import is_run_dir, run_config
     from ftune.train.run import make_accelerator
 
     if is_run_dir(entry):
@@ -81,7 +82,6 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
     else:
         import dataclasses
 
-        from ftune.models.load import load
 
         if not Path(entry).exists():
             raise FtuneError(f"--compare: {entry} is neither a run directory nor a model path")
@@ -90,7 +90,7 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
         if merged.is_file():  # a merged run renders prompts with the template it was trained with
             template = json.loads(merged.read_text()).get("template", cfg.dataset.template)
             own = dataclasses.replace(own, dataset=dataclasses.replace(own.dataset, template=template))
-        model, tokenizer = load(own, device)
+        model, tokenizer = load_model(own, device)
     gens = generations(model, tokenizer, own, prompts, max_new, make_accelerator(own, device))
     del model
     gc.collect()

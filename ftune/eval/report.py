@@ -149,11 +149,10 @@ def subject(run: str | None, model: str | None, overrides: list[str], out: str |
 def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
     """(trained model, tokenizer): a run with its method applied (not merged, so the base stays
     reachable through disable_adapter), or the plain model."""
-    if sub.run_dir is None:
-        from ftune.models.load import load
+    from ftune.methods.runs import load_model, load_run
 
-        return load(sub.cfg, device)
-    from ftune.models.runs import load_run
+    if sub.run_dir is None:
+        return load_model(sub.cfg, device)
 
     model, tokenizer, _ = load_run(sub.run_dir, device)
     if sub.cfg.stage.name == "rm":
@@ -167,9 +166,9 @@ def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
 
 def load_base(sub: Subject, device: torch.device) -> Any:
     """The run's starting model on its own (for methods without an adapter switch)."""
-    from ftune.models.load import load
+    from ftune.methods.runs import load_model
 
-    return load(sub.cfg, device)[0]  # the saved config: its model.path is where the run started
+    return load_model(sub.cfg, device)[0]  # the saved config: its model.path is where the run started
 
 
 def _count(gens: list[dict]) -> dict[str, int]:

@@ -100,21 +100,21 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[s
 
     The groups are only kept for 4-bit QA-LoRA, the one case a GGUF type (q4_1) holds them exactly."""
     from ftune.methods.merge import merge
-    from ftune.methods.saving import FULL_MODEL_METHODS, attach_trained
-    from ftune.models.load import load
+    from ftune.methods.runs import load_model
+    from ftune.methods.saving import attach_trained
     from ftune.models.runs import run_config, trained_folder
 
     saved = run_config(run_dir)
     folder = trained_folder(run_dir, saved)
     model_cfg = dataclasses.replace(saved.model, dtype="float32")
-    if saved.method.name in FULL_MODEL_METHODS:
+    if saved.method.saves_full_model:
         model_cfg = dataclasses.replace(model_cfg, path=str(folder))
-    model, tokenizer = load(dataclasses.replace(saved, model=model_cfg), torch.device("cpu"))
+    model, tokenizer = load_model(dataclasses.replace(saved, model=model_cfg), torch.device("cpu"))
     # QLoRA/8-bit bases: back to dense float32 before the adapter is folded in.
     dequantize_linears(model, torch.float32)
-    if saved.method.name not in FULL_MODEL_METHODS:
-        model = attach_trained(model, folder, saved.model.allow_pickle)
-        model = merge(model, saved.method.name)
+    if not saved.method.saves_full_model:
+        model = attach_trained(model, folder, saved.method, saved.model.allow_pickle)
+        model = merge(model, saved.method)
     groups: tuple[dict[str, torch.Tensor], int] = ({}, 0)
     if saved.method.name == "qalora" and saved.method.bits == 4:
         groups = qalora_groups(model)

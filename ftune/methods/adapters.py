@@ -10,14 +10,41 @@ saved with the bottlenecks and loaded back with them).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import choice, positive
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, Setup, freeze_all
+from ftune.methods.base import MethodSpec, Setup, freeze_all, register
 from ftune.methods.bitfit import norm_parameters
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Bottleneck adapters (Houlsby et al. 2019): down-projection, non-linearity, up-projection and
+    a residual, after each chosen sublayer; the up-projection starts at zero (model unchanged)."""
+
+    name: str = "adapter"
+    bottleneck: int = 64
+    """Width of the bottleneck."""
+    placement: str = "both"
+    """attn (after self-attention) | mlp (after the feed-forward block) | both (Houlsby)."""
+    activation: str = "gelu"
+    """gelu | relu | silu."""
+    train_norms: bool = True
+    """Also train the normalisation layers' weights (every decoder layer's and the final one), as
+    Houlsby et al. do; they are saved with the adapters. false: only the bottlenecks are trained."""
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        positive(problems, "method.bottleneck", self.bottleneck)
+        choice(problems, "method.placement", self.placement, ("attn", "mlp", "both"))
+        choice(problems, "method.activation", self.activation, ("gelu", "relu", "silu"))
+        return problems
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 # Output projections of a decoder layer's sublayers, by common naming.
@@ -49,7 +76,6 @@ def _targets(model: Any, placement: str) -> list[tuple[nn.Module, str]]:
             if child in wanted and isinstance(mod, nn.Linear)]
 
 
-@METHODS.register("adapter")
 def apply_adapter(model: Any, cfg: Any, setup: Setup) -> Any:
     m = cfg.method
     freeze_all(model)
@@ -63,3 +89,8 @@ def apply_adapter(model: Any, cfg: Any, setup: Setup) -> Any:
         for p in norm_parameters(model):
             p.requires_grad_(True)
     return model
+
+
+register(MethodSpec(AdapterConfig, apply_adapter,
+                    not_mergeable="bottleneck adapters apply a non-linearity between their projections, so they "
+                                  "are not a linear change of any base weight"))

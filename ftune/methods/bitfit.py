@@ -8,10 +8,29 @@ and says so in the run's notes, rather than silently training nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import choice
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, Setup, freeze_all
+from ftune.methods.base import MethodSpec, Setup, freeze_all, register
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    """BitFit (Ben Zaken et al. 2022): train only bias terms."""
+
+    name: str = "bitfit"
+    norms: str = "auto"
+    """Also train normalisation weights: auto (only when the model has no biases, as in
+    Llama-family models, with a notice) | always | never (refuse a bias-free model)."""
+    trains_base: ClassVar[bool] = True
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        choice(problems, "method.norms", self.norms, ("auto", "always", "never"))
+        return problems
 
 
 def norm_parameters(model: Any) -> list:
@@ -19,7 +38,6 @@ def norm_parameters(model: Any) -> list:
             for p in module.parameters(recurse=False)]
 
 
-@METHODS.register("bitfit")
 def apply_bitfit(model: Any, cfg: Any, setup: Setup) -> Any:
     freeze_all(model)
     biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
@@ -36,3 +54,6 @@ def apply_bitfit(model: Any, cfg: Any, setup: Setup) -> Any:
             setup.notes.append("bitfit: this model has no bias terms; training the normalisation weights instead "
                                "(method.norms=never refuses such models)")
     return model
+
+
+register(MethodSpec(BitFitConfig, apply_bitfit))

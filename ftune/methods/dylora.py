@@ -8,14 +8,51 @@ adapter can be evaluated at, cut to, or merged at any rank <= r without retraini
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import positive
 from ftune.errors import FtuneError
-from ftune.methods import HOOKS, METHODS, Setup, StepHooks, freeze_all, wrap_linears
+from ftune.methods.base import MethodSpec, Setup, StepHooks, freeze_all, register, unwrap_modules, wrap_linears
+
+
+@dataclass
+class DyLoraConfig(MethodConfig):
+    """DyLoRA (Valipour et al. 2023): each step trains a random rank b <= r (A, B truncated to b),
+    so after one run the adapter works at every rank and can be cut to any of them."""
+
+    name: str = "dylora"
+    r: int = 16
+    """Largest rank."""
+    alpha: float = 16.0
+    """Scaling numerator; a rank-b slice is scaled by alpha / b."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
+    """Modules to adapt."""
+    eval_ranks: list[int] = field(default_factory=list)
+    """Ranks evaluated on the held-out set after training (empty: 1, 2, 4, … up to r, and r)."""
+    save_rank: int = 0
+    """Rank of the saved adapter (0: the full r)."""
+    one_process: ClassVar[str] = ("samples a rank per step from each process's random state, which several "
+                                  "processes would not share; train it in one process")
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        if not self.target_modules:
+            problems.append("method.target_modules is empty; name the modules dylora adapts")
+        positive(problems, "method.r", self.r)
+        bad = [k for k in self.eval_ranks if not 1 <= k <= self.r]
+        if bad:
+            problems.append(f"method.eval_ranks must lie in 1..method.r={self.r} (got {bad})")
+        if not 0 <= self.save_rank <= self.r:
+            problems.append(f"method.save_rank must be 0 (full r) or in 1..{self.r} (got {self.save_rank})")
+        return problems
 
 
 class DyLoraLinear(nn.Module):
@@ -53,7 +90,6 @@ def set_rank(model: Any, rank: int) -> None:
         layer.rank = rank
 
 
-@METHODS.register("dylora")
 def apply_dylora(model: Any, cfg: Any, setup: Setup) -> Any:
     m = cfg.method
     freeze_all(model)
@@ -80,8 +116,6 @@ class DyLoraHooks(StepHooks):
         return {"eval_loss_by_rank": {str(k): v for k, v in losses.items()}}
 
 
-HOOKS.register("dylora")(DyLoraHooks)
-
 
 def evaluate_ranks(model: Any, ranks: list[int], evaluate: Callable[[], float]) -> dict[int, float]:
     """Held-out loss at each rank (the point of DyLoRA: one run, every rank usable)."""
@@ -107,3 +141,23 @@ def truncated_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, torc
             tensor = tensor[:, :rank]
         cut[name] = tensor.contiguous()
     return cut
+
+
+def saved_state(state: dict[str, torch.Tensor], method: DyLoraConfig) -> tuple[dict[str, torch.Tensor], DyLoraConfig]:
+    """What a run saves: the adapter cut to method.save_rank (0 or r: whole)."""
+    if method.save_rank and method.save_rank != method.r:
+        return truncated_state(state, method.save_rank), dataclasses.replace(method, r=method.save_rank)
+    return state, method
+
+
+def merge_dylora(model: Any) -> Any:
+    """Fold the update at the active rank into each base weight."""
+    def fold(module: DyLoraLinear) -> torch.nn.Linear:
+        with torch.no_grad():
+            module.base.weight += module.delta_weight(module.rank).to(module.base.weight.dtype)
+        return module.base
+
+    return unwrap_modules(model, DyLoraLinear, fold)
+
+
+register(MethodSpec(DyLoraConfig, apply_dylora, hooks=DyLoraHooks, merge=merge_dylora, saved_state=saved_state))

@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import positive
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, freeze_all
+from ftune.methods.base import MethodSpec, freeze_all, register
 
 
-@METHODS.register("full")
+@dataclass
+class FullConfig(MethodConfig):
+    """Every parameter is trained."""
+
+    name: str = "full"
+    trains_base: ClassVar[bool] = True
+    saves_full_model: ClassVar[bool] = True
+
+
+@dataclass
+class FreezeConfig(MethodConfig):
+    """Only the last decoder layers and/or named modules are trained; the rest is frozen."""
+
+    name: str = "freeze"
+    trainable_layers: int = 2
+    """How many of the last decoder layers to train (0: none)."""
+    trainable_modules: list[str] = field(default_factory=list)
+    """Extra parameter-name fragments to train, e.g. [lm_head, model.norm]."""
+    trains_base: ClassVar[bool] = True
+    saves_full_model: ClassVar[bool] = True
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        positive(problems, "method.trainable_layers", self.trainable_layers, allow_zero=True)
+        if self.trainable_layers == 0 and not self.trainable_modules:
+            problems.append("method=freeze trains nothing: set method.trainable_layers > 0 or method.trainable_modules")
+        return problems
+
+
 def apply_full(model: Any, cfg: Any, setup: Any = None) -> Any:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -27,7 +58,6 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
                      hint="Name the modules to train with method.trainable_modules and method.trainable_layers=0.")
 
 
-@METHODS.register("freeze")
 def apply_freeze(model: Any, cfg: Any, setup: Any = None) -> Any:
     method = cfg.method
     freeze_all(model)
@@ -47,3 +77,7 @@ def apply_freeze(model: Any, cfg: Any, setup: Any = None) -> Any:
         raise FtuneError(f"method.trainable_modules: no parameter name contains {', '.join(missing)}",
                          hint="Parameter names look like model.layers.0.mlp.down_proj.weight, lm_head.weight.")
     return model
+
+
+register(MethodSpec(FullConfig, apply_full))
+register(MethodSpec(FreezeConfig, apply_freeze))

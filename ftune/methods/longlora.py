@@ -17,14 +17,53 @@ Three parts:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import positive
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, Setup
+from ftune.methods.base import MethodSpec, Setup, register
+
+
+@dataclass
+class LongLoraConfig(MethodConfig):
+    """LongLoRA (Chen et al. 2024): LoRA + trainable embeddings and norms, shifted sparse attention
+    while training, and linear RoPE interpolation to a longer context."""
+
+    name: str = "longlora"
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scaling numerator (alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules with LoRA adapters (the paper adapts the attention projections)."""
+    context_factor: float = 2.0
+    """Train at this many times the model's native context (RoPE positions divided by it)."""
+    group_fraction: float = 0.25
+    """S²-Attn group size as a fraction of the sequence length (the paper uses 1/4)."""
+    train_embeddings: bool = True
+    """Train the input embeddings in full (needed to adapt to a longer context, per the paper)."""
+    train_norms: bool = True
+    """Train the normalisation layers in full."""
+    no_packing: ClassVar[str] = "S²-Attn cuts its attention groups over the whole row, not per packed sample"
+    adapter_reference: ClassVar[bool] = True
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        positive(problems, "method.r", self.r)
+        if self.context_factor < 1:
+            problems.append(f"method.context_factor must be >= 1 (got {self.context_factor})")
+        if not 0 < self.group_fraction <= 1:
+            problems.append(f"method.group_fraction must be in (0, 1] (got {self.group_fraction})")
+        return problems
+
 
 ATTENTION_NAME = "ftune_s2attn"
 
@@ -229,7 +268,6 @@ def restore_rope(base_model: Any, folder: Path) -> None:
                          "Load the adapter on the base model it was trained from.")
 
 
-@METHODS.register("longlora")
 def apply_longlora(model: Any, cfg: Any, setup: Setup) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -246,3 +284,6 @@ def apply_longlora(model: Any, cfg: Any, setup: Setup) -> Any:
         target_modules=list(m.target_modules), modules_to_save=extra or None,
         # A tied output head must follow the trained embeddings, or the two silently diverge.
         ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))))
+
+
+register(MethodSpec(LongLoraConfig, apply_longlora, save_extra=save_rope_note, prepare_base=restore_rope))

@@ -1,14 +1,124 @@
-"""The other methods peft implements: soft prompts (prompt, ptuning, prefix, ptuning-v2), IA3,
-LoHa, LoKr, AdaLoRA and VeRA. Each maps its typed config onto peft's and wraps the model; the
-saved adapter is standard peft (PeftModel.from_pretrained loads it)."""
+"""The other weight methods peft implements: IA3, LoHa, LoKr, AdaLoRA and VeRA. Each maps its
+typed config onto peft's and wraps the model; the saved adapter is standard peft
+(PeftModel.from_pretrained loads it) and merges through peft's merge_and_unload."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from ftune.methods import HOOKS, METHODS, Setup, StepHooks
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import positive
+from ftune.methods.base import MethodSpec, Setup, StepHooks, register
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PeftWeightConfig(MethodConfig):
+    """Knobs shared by the peft weight methods below."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules to adapt."""
+    adapter_reference: ClassVar[bool] = True
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        if not self.target_modules:
+            problems.append(f"method.target_modules is empty; name the modules {self.name} adapts")
+        if hasattr(self, "r"):
+            positive(problems, "method.r", self.r)
+        return problems
+
+
+@dataclass
+class IA3Config(PeftWeightConfig):
+    """IA3 (Liu et al. 2022): learned vectors that rescale keys, values and FFN activations."""
+
+    name: str = "ia3"
+    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """Modules whose activations are rescaled."""
+    feedforward_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    """Of those, the feed-forward ones (their input is rescaled, not their output)."""
+
+
+@dataclass
+class LycorisConfig(PeftWeightConfig):
+    """Knobs shared by the LyCORIS-family methods peft implements (LoHa, LoKr)."""
+
+    r: int = 8
+    """Rank of the low-rank factors."""
+    alpha: float = 16.0
+    """Scaling numerator (alpha / r)."""
+    module_dropout: float = 0.0
+    """Probability of skipping a module's update during training."""
+
+
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """LoHa (Hyeon-Woo et al. 2022): the update is a Hadamard product of two low-rank products."""
+
+    name: str = "loha"
+
+
+@dataclass
+class LoKrConfig(LycorisConfig):
+    """LoKr (Yeh et al. 2023): the update is a Kronecker product with a low-rank factor."""
+
+    name: str = "lokr"
+
+
+@dataclass
+class AdaLoraConfig(PeftWeightConfig):
+    """AdaLoRA (Zhang et al. 2023): SVD-form LoRA whose rank budget is reallocated during training
+    by importance; the trainer calls the budget update every step."""
+
+    name: str = "adalora"
+    init_r: int = 12
+    """Starting rank of every matrix."""
+    target_r: int = 8
+    """Average rank after pruning (the budget)."""
+    alpha: float = 32.0
+    """Scaling numerator."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Modules to adapt."""
+    tinit: float = 0.1
+    """Fraction of steps trained before pruning starts."""
+    tfinal: float = 0.2
+    """Fraction of steps at the end trained with the final ranks."""
+    delta_t: int = 1
+    """Steps between budget reallocations."""
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality regulariser on P and Q."""
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems = super().problems(cfg)
+        positive(problems, "method.init_r", self.init_r)
+        positive(problems, "method.target_r", self.target_r)
+        if self.target_r > self.init_r:
+            problems.append(f"method.target_r ({self.target_r}) must be <= method.init_r ({self.init_r})")
+        if self.tinit + self.tfinal >= 1:
+            problems.append(f"method.tinit + method.tfinal must be < 1 (got {self.tinit} + {self.tfinal}): "
+                            "AdaLoRA needs steps between them to reallocate ranks")
+        return problems
+
+
+@dataclass
+class VeraConfig(PeftWeightConfig):
+    """VeRA (Kopiczko et al. 2024): one pair of frozen random matrices shared by all layers, with
+    trainable scaling vectors per layer."""
+
+    name: str = "vera"
+    r: int = 256
+    """Rank of the shared random matrices (VeRA uses large ranks; they are frozen)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Modules to adapt."""
+    d_initial: float = 0.1
+    """Initial value of the d scaling vector."""
+    projection_prng_key: int = 0
+    """Seed of the shared random matrices."""
 
 
 def _wrap(model: Any, peft_cfg: Any) -> Any:
@@ -17,52 +127,6 @@ def _wrap(model: Any, peft_cfg: Any) -> Any:
     return get_peft_model(model, peft_cfg)
 
 
-@METHODS.register("prompt")
-def apply_prompt(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType
-
-    m = cfg.method
-    init = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=m.init_text,
-                tokenizer_name_or_path=setup.model_path) if m.init_text else {}
-    return _wrap(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m.num_virtual_tokens, **init))
-
-
-@METHODS.register("ptuning")
-def apply_ptuning(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import PromptEncoderConfig, PromptEncoderReparameterizationType, TaskType
-
-    m = cfg.method
-    kind = {"mlp": PromptEncoderReparameterizationType.MLP, "lstm": PromptEncoderReparameterizationType.LSTM}[m.encoder]
-    return _wrap(model, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m.num_virtual_tokens,
-                                            encoder_reparameterization_type=kind,
-                                            encoder_hidden_size=m.encoder_hidden_size))
-
-
-@METHODS.register("prefix")
-def apply_prefix(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import PrefixTuningConfig, TaskType
-
-    m = cfg.method
-    return _wrap(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m.num_virtual_tokens,
-                                           prefix_projection=True, encoder_hidden_size=m.encoder_hidden_size))
-
-
-@METHODS.register("ptuning-v2")
-def apply_ptuning_v2(model: Any, cfg: Any, setup: Setup) -> Any:
-    from peft import PrefixTuningConfig, TaskType
-
-    # P-tuning v2 is prefix tuning without the reparameterisation MLP: the per-layer key/value
-    # prompts are the trained parameters themselves. peft draws them from N(0, 1), which wrecks the
-    # frozen model at step 0 (SmolLM2 held-out loss 6.8 instead of 1.03, measured); small values
-    # start from the base model's behaviour (1.035 with std 0.02).
-    model = _wrap(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                            num_virtual_tokens=cfg.method.num_virtual_tokens, prefix_projection=False))
-    with torch.no_grad():
-        model.prompt_encoder[model.active_adapter].embedding.weight.normal_(0, cfg.method.init_std)
-    return model
-
-
-@METHODS.register("ia3")
 def apply_ia3(model: Any, cfg: Any, setup: Setup) -> Any:
     from peft import IA3Config, TaskType
 
@@ -71,8 +135,6 @@ def apply_ia3(model: Any, cfg: Any, setup: Setup) -> Any:
                                   feedforward_modules=list(m.feedforward_modules)))
 
 
-@METHODS.register("loha")
-@METHODS.register("lokr")
 def apply_lycoris(model: Any, cfg: Any, setup: Setup) -> Any:
     import peft
 
@@ -82,7 +144,6 @@ def apply_lycoris(model: Any, cfg: Any, setup: Setup) -> Any:
                                      module_dropout=m.module_dropout))
 
 
-@METHODS.register("vera")
 def apply_vera(model: Any, cfg: Any, setup: Setup) -> Any:
     from peft import TaskType, VeraConfig
 
@@ -92,7 +153,6 @@ def apply_vera(model: Any, cfg: Any, setup: Setup) -> Any:
                                    save_projection=True))
 
 
-@METHODS.register("adalora")
 def apply_adalora(model: Any, cfg: Any, setup: Setup) -> Any:
     from peft import AdaLoraConfig, TaskType
 
@@ -123,7 +183,11 @@ class AdaLoraHooks(StepHooks):
         model.base_model.update_and_allocate(step)
 
 
-HOOKS.register("adalora")(AdaLoraHooks)
+register(MethodSpec(IA3Config, apply_ia3))
+register(MethodSpec(LoHaConfig, apply_lycoris))
+register(MethodSpec(LoKrConfig, apply_lycoris))
+register(MethodSpec(VeraConfig, apply_vera))
+register(MethodSpec(AdaLoraConfig, apply_adalora, hooks=AdaLoraHooks))
 
 
 def keep_activation_dtype(model: Any) -> int:

@@ -24,6 +24,7 @@ its run trained in (the run's config.yaml), which is what that run quantised, wi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftune.config.methods_schema import MethodConfig
+from ftune.config.rules import positive
 from ftune.errors import FtuneError
-from ftune.methods import METHODS, Setup, freeze_all, unwrap_modules, wrap_linears
+from ftune.methods.base import MethodSpec, Setup, freeze_all, register, unwrap_modules, wrap_linears
+
+
+@dataclass
+class QALoraConfig(MethodConfig):
+    """QA-LoRA (Xu et al. 2023): INT4 group-quantised base; LoRA on the group-pooled input, so the
+    update merges exactly into the group zero-points and the merged model stays quantised."""
+
+    name: str = "qalora"
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator (alpha / r)."""
+    group_size: int = 32
+    """Input columns per quantisation group (must divide every target layer's input width)."""
+    bits: int = 4
+    """Bits per quantised weight (2..8)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
+    """Modules quantised and adapted."""
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        positive(problems, "method.r", self.r)
+        positive(problems, "method.group_size", self.group_size)
+        if not 2 <= self.bits <= 8:
+            problems.append(f"method.bits must be in 2..8 (got {self.bits})")
+        return problems
 
 BASE_STATE = "qalora_base.safetensors"  # in the adapter folder, beside adapter.safetensors
 STATE_FORMAT = "ftune-qalora-base-v1"
@@ -106,7 +136,6 @@ class QALoraLinear(nn.Module):
         return GroupQuantLinear(base.codes, base.scale, zero, bias, base.quantised_from)
 
 
-@METHODS.register("qalora")
 def apply_qalora(model: Any, cfg: Any, setup: Setup) -> Any:
     m = cfg.method
     freeze_all(model)
@@ -222,3 +251,10 @@ def _requantise_dtype(folder: Path) -> torch.dtype | None:
     Console(stderr=True).print(f"[yellow]note:[/] {folder} has no saved QA-LoRA groups ({BASE_STATE}, kept by "
                                f"newer runs): re-quantised {how}", soft_wrap=True)
     return dtype
+
+
+def _save_base(model: Any, folder: Path, method: QALoraConfig) -> None:
+    save_base_state(model, folder, method.bits)  # its quantised base is part of the trained model
+
+
+register(MethodSpec(QALoraConfig, apply_qalora, merge=merge_qalora, save_extra=_save_base, rebuild=apply_saved))

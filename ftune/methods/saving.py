@@ -1,11 +1,12 @@
 """Saving what a method trained, and loading it back onto a base model.
 
 - peft methods: the standard peft folder (PeftModel.from_pretrained loads it without ftune).
-- full and freeze: a complete Hugging Face model folder.
-- ftune's own methods (bitfit, adapter, dylora, qalora): `ftune_adapter.json` (the method config
-  and base model) + `adapter.safetensors` (the trained tensors); `load_trained` re-applies the
-  method to a base model and loads them. QA-LoRA also saves its quantised base
-  (`qalora_base.safetensors`, see ftune.methods.qalora), which the reload uses as it is.
+- methods that save a full model (the schema's saves_full_model): a complete Hugging Face folder.
+- ftune's own methods: `ftune_adapter.json` (the method config and base model) +
+  `adapter.safetensors` (the trained tensors); `load_trained` rebuilds the method on a base model
+  and loads them.
+A method adds its own files through its spec (save_extra) and adjusts a base before its adapter
+loads (prepare_base, rebuild).
 """
 
 from __future__ import annotations
@@ -18,57 +19,44 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ftune.config.schema import SCHEMAS
 from ftune.errors import FtuneError
-from ftune.methods import Setup, apply, is_peft
+from ftune.methods.base import SPECS, Setup, is_peft, spec_of
 
-FULL_MODEL_METHODS = ("full", "freeze")
 FORMAT = "ftune-adapter-v1"
-
-
-def output_name(method: str) -> str:
-    return "model" if method in FULL_MODEL_METHODS else "adapter"
 
 
 def save_trained(model: Any, tokenizer: Any, method: Any, base_path: str, out: Path,
                  state_dict: dict | None = None) -> Path:
     """`state_dict`: whole tensors gathered from shards (FSDP); None reads them from the model."""
-    if is_peft(model) or method.name in FULL_MODEL_METHODS:
+    spec = spec_of(method)
+    if is_peft(model) or method.saves_full_model:
         model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
-        if method.name == "longlora":  # its RoPE scaling is in the base config, not in a peft folder
-            from ftune.methods.longlora import save_rope_note
-
-            save_rope_note(model, out, method)
     else:
         state, saved_method = native_state(model, method, state_dict)
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / "adapter.safetensors"))
         meta = {"format": FORMAT, "method": dataclasses.asdict(saved_method), "base_model": base_path}
         (out / "ftune_adapter.json").write_text(json.dumps(meta, indent=2))
-        if method.name == "qalora":  # its quantised base is part of the trained model
-            from ftune.methods.qalora import save_base_state
-
-            save_base_state(model, out, method.bits)
+    if spec.save_extra is not None:
+        spec.save_extra(model, out, method)
     tokenizer.save_pretrained(out)
     return out
 
 
 def native_state(model: Any, method: Any, state_dict: dict | None = None) -> tuple[dict, Any]:
-    """Tensors to save and the method config that rebuilds them (DyLoRA: cut to save_rank)."""
+    """Tensors to save and the method config that rebuilds them (the spec may cut them)."""
     if state_dict is not None:
         state = {n: t.contiguous() for n, t in state_dict.items()}
     else:
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    if method.name == "dylora" and method.save_rank and method.save_rank != method.r:
-        from ftune.methods.dylora import truncated_state
-
-        return truncated_state(state, method.save_rank), dataclasses.replace(method, r=method.save_rank)
-    return state, method
+    spec = spec_of(method)
+    return spec.saved_state(state, method) if spec.saved_state is not None else (state, method)
 
 
-def attach_trained(base_model: Any, folder: Path, allow_pickle: bool = False, trainable: bool = False) -> Any:
-    """A saved adapter (ftune-native or peft) on a freshly loaded base model. A damaged or
-    incomplete folder is an FtuneError naming it, not a library traceback."""
+def attach_trained(base_model: Any, folder: Path, method: Any, allow_pickle: bool = False,
+                   trainable: bool = False) -> Any:
+    """A saved adapter (ftune-native or peft) of `method` on a freshly loaded base model. A damaged
+    or incomplete folder is an FtuneError naming it, not a library traceback."""
     from ftune import safety
 
     folder = Path(folder)
@@ -82,9 +70,9 @@ def attach_trained(base_model: Any, folder: Path, allow_pickle: bool = False, tr
             return load_trained(base_model, folder)
         from peft import PeftModel
 
-        from ftune.methods.longlora import restore_rope
-
-        restore_rope(base_model, folder)  # LongLoRA: the RoPE scaling the adapter was trained with
+        spec = spec_of(method)
+        if spec.prepare_base is not None:  # e.g. the RoPE scaling the adapter was trained with
+            spec.prepare_base(base_model, folder)
         return PeftModel.from_pretrained(base_model, folder, is_trainable=trainable)
     except FtuneError:
         raise
@@ -100,13 +88,12 @@ def load_trained(base_model: Any, folder: Path) -> Any:
     meta = json.loads((Path(folder) / "ftune_adapter.json").read_text())
     if meta.get("format") != FORMAT:
         raise FtuneError(f"{folder}: not an ftune adapter folder (format {meta.get('format')})")
-    method = SCHEMAS["method"][meta["method"]["name"]](**meta["method"])
-    if method.name == "qalora":  # the groups training saved, not a new quantisation of this base
-        from ftune.methods.qalora import apply_saved
-
-        model = apply_saved(base_model, method, Path(folder))
+    spec = SPECS.get(meta["method"]["name"], key=f"{folder}/ftune_adapter.json: method.name")
+    method = spec.schema(**meta["method"])
+    if spec.rebuild is not None:  # e.g. the quantised groups training saved, not a new quantisation
+        model = spec.rebuild(base_model, method, Path(folder))
     else:
-        model = apply(base_model, SimpleNamespace(method=method), Setup(total_steps=1, model_path=meta["base_model"]))
+        model = spec.apply(base_model, SimpleNamespace(method=method), Setup(total_steps=1, model_path=meta["base_model"]))
     tensors = load_file(str(Path(folder) / "adapter.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in tensors if n not in params]

@@ -19,12 +19,10 @@ import torch
 from ftune import resources, safety
 from ftune.config.schema import FtuneConfig, ModelConfig
 from ftune.errors import FtuneError
+from ftune.models.runs import is_run_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Methods that train (part of) the base weights keep them in fp32 (AdamW on bf16 weights loses
-# small updates); every other method freezes the base, which can then sit in the training precision.
-BASE_TRAINING_METHODS = ("full", "freeze", "bitfit")
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -66,10 +64,11 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
 
 def weight_dtype(cfg: FtuneConfig) -> torch.dtype:
-    """auto: a frozen base in the training precision; trained weights stay fp32 (master weights)."""
+    """auto: a frozen base in the training precision; trained weights stay fp32 (master weights:
+    AdamW on bf16 weights loses small updates)."""
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
-    if cfg.method.name in BASE_TRAINING_METHODS:
+    if cfg.method.trains_base:
         return torch.float32
     return PRECISION_DTYPES[cfg.hardware.precision]
 
@@ -135,16 +134,13 @@ def _device_map_target(device: torch.device) -> str | int:
 
 
 def load(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
-    """(model, tokenizer), the model on `device`, in eval mode until the trainer starts."""
+    """(model, tokenizer) of a hub id, model folder or .gguf file, the model on `device`, in eval
+    mode until the trainer starts. A run directory is ftune.methods.runs.load_model's."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.model)
-    from ftune.models import runs
-
-    if runs.is_run_dir(path):  # an earlier run: its base with its training merged in
-        model, tokenizer, _ = runs.load_run(Path(path), device, current=cfg, merge=True)
-        model.config.use_cache = False
-        return model, tokenizer
+    if is_run_dir(path):
+        raise FtuneError(f"model.path: {path} is a run directory; it loads through ftune.methods.runs.load_model")
     quant = quantization_config(cfg)
     try:
         tokenizer = load_tokenizer(path, cfg.model)

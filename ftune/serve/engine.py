@@ -38,7 +38,7 @@ class AdapterPool:
         from safetensors.torch import load_file
 
         from ftune.data import templates
-        from ftune.models.load import load
+        from ftune.methods.runs import load_model
         from ftune.models.runs import run_config, trained_folder
 
         if not runs:
@@ -60,7 +60,7 @@ class AdapterPool:
             weights = load_file(str(folder / "adapter_model.safetensors"))
             self.host[run.name] = (PeftConfig.from_pretrained(folder), weights)
         self.cfg = first
-        base, self.tokenizer = load(first, self.device)
+        base, self.tokenizer = load_model(first, self.device)
         self.tokenizer.padding_side = "left"  # batched generation continues every row at its end
         name, (config, _) = next(iter(self.host.items()))
         self.model = get_peft_model(base, config, adapter_name="__placeholder__")

@@ -87,7 +87,7 @@ class RewardModelScores:
 
     def __init__(self, run_dir: str, device: torch.device, precision: str):
         from ftune.data import templates
-        from ftune.models.runs import load_run
+        from ftune.methods.runs import load_run
         from ftune.train.heads import WithScalarHead, load_head
 
         folder = self.check(run_dir)

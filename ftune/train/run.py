@@ -30,7 +30,8 @@ from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
 from ftune.methods.fused_lora import fuse_lora_layers
 from ftune.methods.peft_methods import keep_activation_dtype
-from ftune.methods.saving import output_name, save_trained
+from ftune.methods.runs import load_model
+from ftune.methods.saving import save_trained
 from ftune.models import load as model_load
 from ftune.train import checkpoint, checkpointing, compiled, distributed, objectives, stopping
 from ftune.train.metrics import MetricsLog, plot_loss
@@ -204,7 +205,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
         recompute, recompute_note = broadcast_object_list([recompute, recompute_note], from_process=0)
     with console.status("loading model"):
-        model, tokenizer = model_load.load(cfg, device)
+        model, tokenizer = load_model(cfg, device)
     with console.status("tokenising data"), accelerator.main_process_first():  # rank 0 fills the cache
         data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
     if main:  # created only now: a model or data error leaves no half-made run directory behind
@@ -302,12 +303,10 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     trained = unwrap_head(unwrapped)
     method_results = hooks.after_training(trained, held_out)
     # Whole tensors (sharded ones gathered by every process), written by rank 0.
-    from ftune.methods.saving import FULL_MODEL_METHODS
-
     sharded = distributed.is_sharded(unwrapped)
-    state_dict = distributed.full_state(trained, trainable_only=cfg.method.name not in FULL_MODEL_METHODS) if sharded else None
+    state_dict = distributed.full_state(trained, trainable_only=not cfg.method.saves_full_model) if sharded else None
     head_state = distributed.full_state(unwrapped.head) if sharded and isinstance(unwrapped, WithScalarHead) else None
-    saved_to = run_dir / output_name(cfg.method.name)
+    saved_to = run_dir / cfg.method.output_name()
     if main:
         saved_to = save_trained(trained, tokenizer, cfg.method, base_path, saved_to, state_dict)
         if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter

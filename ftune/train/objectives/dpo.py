@@ -206,12 +206,12 @@ def prepare_reference(cfg: Any, model: Any, data: Any, pad: int, device: Any, ac
         return None
     import dataclasses
 
-    from ftune.models.load import load
+    from ftune.methods.runs import load_model
 
     kto, mbs = stage.loss == "kto", cfg.train.micro_batch_size
     if stage.reference:
         ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=stage.reference))
-        reference, _ = load(ref_cfg, device)
+        reference, _ = load_model(ref_cfg, device)
         for samples in (data.train, data.eval):
             precompute_reference(samples, reference, mbs, pad, accelerator, kto)
         del reference

@@ -1,0 +1,38 @@
+"""The typed schemas of the plugin groups, registered by the modules that implement them.
+
+A method registers its schema (a MethodConfig subclass) from its own module in ftune.methods, so
+that module is the one place of the method. The config layer sits below the methods and never
+imports them by name: `discover()` imports the plugin packages, whose modules register themselves
+as they load (the way installed plugins are found by name through entry points).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Packages whose modules register schemas when imported.
+PLUGIN_PACKAGES = ("ftune.methods",)
+_SCHEMAS: dict[str, dict[str, type]] = {"method": {}}
+_discovered = False
+
+
+def register_schema(group: str, name: str, schema: type) -> None:
+    known = _SCHEMAS.setdefault(group, {})
+    if name in known and known[name] is not schema:
+        raise ValueError(f"{group} '{name}' is registered twice")
+    known[name] = schema
+
+
+def discover() -> None:
+    """Import the plugin packages once, so every schema is registered."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for package in PLUGIN_PACKAGES:
+            importlib.import_module(package)
+
+
+def schemas(group: str) -> dict[str, type]:
+    """name -> schema of one plugin group, every plugin registered."""
+    discover()
+    return dict(_SCHEMAS.get(group, {}))
