@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup train test test-fast bench bench-speed bench-accuracy clean
+.PHONY: setup train test lint test-fast bench bench-speed bench-accuracy clean
 
 setup: $(VENV)/.installed
 
@@ -30,8 +30,13 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(BIN)/ftune train $(ARGS)
 
-test: setup
+# Lint (ruff) and the layer contracts (import-linter, pyproject.toml) first: seconds, before the suite.
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check ftune tests scripts
+	$(BIN)/lint-imports
 
 # Logic tests only (tiny random model), a few minutes.
 test-fast: setup

@@ -36,8 +36,8 @@ def train(overrides: Optional[List[str]] = OVERRIDES,
           ) -> None:
     """Train: compose the recipe, validate it, check memory, then run the trainer (relaunched under
     torchrun when the hardware profile asks for several processes)."""
-    from ftune.config.checks import world_size
     from ftune.config.compose import compose
+    from ftune.runtime import world_size
     from ftune.train import distributed
 
     overrides = [*(overrides or []), *(["train.overwrite=true"] if overwrite else [])]

@@ -147,7 +147,7 @@ def trainable_params(cfg: Any, shape: Shape) -> int:
     r = getattr(m, "r", 16)
     per_layer_linear = 2 * (shape.hidden + shape.heads * shape.head_dim) + 2 * (shape.hidden + shape.kv_heads * shape.head_dim) \
         + 3 * (shape.hidden + shape.intermediate)
-    if m.name in ("full",):
+    if m.trains_every_weight:
         return shape.total_params
     return r * per_layer_linear * shape.layers
 
@@ -163,10 +163,10 @@ def _meta_count(cfg: Any) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-        if cfg.method.name == "qlora":  # the same adapter as LoRA; the 4-bit base is counted in weights
+        if cfg.method.counted_as:  # e.g. QLoRA: LoRA's adapter; its 4-bit base is counted with the weights
             from ftune.methods import spec_of
 
-            schema = spec_of("lora").schema
+            schema = spec_of(cfg.method.counted_as).schema
             fields = {f.name for f in dataclasses.fields(schema)}
             lora = schema(**{k: v for k, v in vars(cfg.method).items() if k in fields and k != "name"})
             meta_cfg = dataclasses.replace(meta_cfg, method=lora)
@@ -250,15 +250,14 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
              checkpointed: int | None = None) -> Estimate:
     """Peak memory per process. checkpointed: decoder layers recomputed in the backward pass
     (default: what train.gradient_checkpointing fixes; none for auto, see resolve_checkpointing)."""
-    from ftune.config.checks import world_size
-    from ftune.models.load import weight_dtype
+    from ftune.runtime import weight_dtype, world_size
 
     shape = shape or model_shape(cfg)
     trainable = trainable_params(cfg, shape) if trainable is None else trainable
     hw, tr, ds = cfg.hardware, cfg.train, cfg.dataset
     cuda = hw.device == "cuda" or (hw.device == "auto" and _cuda())
     world = world_size(cfg)
-    full = cfg.method.name in ("full",)
+    full = cfg.method.trains_every_weight
     frozen = 0 if full else shape.total_params
     wbytes = DTYPE_BYTES.get(str(weight_dtype(cfg)).removeprefix("torch."), 4)
     # A 4/8-bit base (QLoRA): adapters over bitsandbytes weights, prepared by peft for kbit training.
@@ -372,7 +371,7 @@ def _logits_bytes(cfg: Any, tokens: int, shape: Shape, abytes: int, full: bool) 
     in the compute dtype and in fp32, all positions counted as targets (continued pretraining), plus
     the head's fp32 gradient when the head trains. Other stages and heads (a trained head in
     modules_to_save, FSDP-sharded weights) build all logits, their fp32 copy and its gradient."""
-    from ftune.train.objectives.causal_lm import CHUNK
+    from ftune.runtime import HEAD_CHUNK as CHUNK
 
     chunked = cfg.stage.name in ("pt", "sft") and not getattr(cfg.method, "modules_to_save", None) \
         and not (cfg.hardware.strategy == "fsdp")
@@ -406,17 +405,22 @@ def _cuda() -> bool:
 
 
 def _attention(cfg: Any, cuda: bool) -> str:
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    if cfg.hardware.attn_implementation != "auto":
-        return cfg.hardware.attn_implementation
-    from ftune.train.compiled import AUTO_MIN_STEPS
+    """The training forward's attention, decided as the run decides it (ftune.runtime). The step
+    count is max_steps; an epoch-sized run's is known only once its data is read, and counts as
+    long enough to compile (the larger estimate)."""
+    import torch
 
-    compiles = str(cfg.hardware.compile).lower() == "true" or (
-        str(cfg.hardware.compile).lower() == "auto" and cfg.train.max_steps >= AUTO_MIN_STEPS)
-    if not cuda and compiles:  # a compiled CPU run switches to matmul-softmax attention (train/compiled.py)
+    from ftune.errors import FtuneError
+    from ftune.runtime import training_attention
+
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else None
+    try:
+        attention, compiled = training_attention(cfg, torch.device("cuda" if cuda else "cpu"), steps)
+    except FtuneError:  # compile=true without a compiler: the run refuses; estimate it compiled
+        attention, compiled = "eager", True
+    if compiled and attention == "eager" and not cuda:  # inductor keeps only the probabilities
         return "eager (compiled)"
-    return "sdpa"
+    return attention
 
 
 def _device_memory(cuda: bool, processes_sharing: int) -> float:
@@ -439,7 +443,7 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
     """Overrides that would make the run fit, each with its estimate (tried one at a time)."""
     import copy
 
-    from ftune.config.checks import world_size
+    from ftune.runtime import world_size
 
     def change(label: str, **settings: Any) -> None:
         other = copy.deepcopy(cfg)
@@ -455,17 +459,14 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
     if tr.micro_batch_size > 1:
         mbs = max(1, tr.micro_batch_size // 2)
         change(f"train.micro_batch_size={mbs} train.grad_accum={tr.grad_accum * 2}", train__micro_batch_size=mbs)
-    if cfg.method.name == "lora" and cfg.model.quantization == "none":
-        change("method=qlora (4-bit base)", model__quantization="4bit")
+    if cfg.method.quantised_variant and cfg.model.quantization == "none":
+        change(f"method={cfg.method.quantised_variant} (4-bit base)", model__quantization="4bit")
     if tr.optim == "adamw" and hw.device != "cpu":
         change("train.optim=adamw_8bit", train__optim="adamw_8bit")
     if cfg.dataset.max_seq_len > 512:
         change(f"dataset.max_seq_len={cfg.dataset.max_seq_len // 2}", dataset__max_seq_len=cfg.dataset.max_seq_len // 2)
     if world_size(cfg) > 1 and hw.strategy != "fsdp":
         change("hardware=fsdp", hardware__strategy="fsdp", hardware__zero_stage=0)
-    if world_size(cfg) > 1:
-        change("hardware=deepspeed-zero3-offload", hardware__strategy="deepspeed", hardware__zero_stage=3,
-               hardware__offload_optimizer=True, hardware__offload_params=True)
     out = []
     trainable = trainable_params(cfg, shape)
     for label, other in tries:

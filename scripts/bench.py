@@ -34,9 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from bench_workload import (Settings, ModelShape, compose_arm, flop_terms, ftune_overrides, load_samples, lora_targets,
-                            median, model_folder, peak_matmul_flops, step_flops, step_rows, step_work)
+from bench_workload import (
+    ModelShape,
+    Settings,
+    compose_arm,
+    flop_terms,
+    ftune_overrides,
+    load_samples,
+    lora_targets,
+    median,
+    model_folder,
+    peak_matmul_flops,
+    step_flops,
+    step_rows,
+    step_work,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "BENCH_RESULT "  # the line a worker prints its measurements on

@@ -37,8 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import run_process  # noqa: E402
 from bench_workload import Settings, ftune_overrides, load_samples, model_folder, step_rows  # noqa: E402
+
+from bench import run_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "ACCURACY_RESULT "
@@ -66,10 +67,9 @@ def train_baseline(s: Settings, overrides: list[str], out_dir: Path) -> dict:
     """SFTTrainer on ftune's rows in ftune's order; the adapter saved to out_dir."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from bench_baseline import held_out_loss, lora_config, sft_config
     from datasets import Dataset
     from trl import SFTTrainer
-
-    from bench_baseline import held_out_loss, lora_config, sft_config
 
     cfg = compose_cfg(overrides)
     train_rows, eval_rows, tokenizer = load_samples(cfg)

@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from bench_accuracy import DATA, arm_overrides, compose_cfg, render_prompts  # noqa: E402
 from bench_workload import Settings, load_samples, model_folder, step_rows  # noqa: E402
 
@@ -62,7 +61,7 @@ def attention_isolation(cfg, train_rows: list[dict], tok, base: str) -> dict:
     pf = collate_padding_free(samples, tok.pad_token_id)
     worst, checked, in_shared = 0.0, 0, 0
     with torch.no_grad():
-        logits = model(input_ids=pf["input_ids"], position_ids=pf["position_ids"], use_cache=False).logits  # as causal_lm calls it
+        logits = model(input_ids=pf["input_ids"], position_ids=pf["position_ids"], use_cache=False).logits  # noqa: E501 (as causal_lm calls it)
         for r_i in range(pf["input_ids"].shape[0]):
             pos = pf["position_ids"][r_i].tolist()
             starts = [i for i, p_ in enumerate(pos) if p_ == 0] + [len(pos)]
@@ -84,14 +83,14 @@ def attention_isolation(cfg, train_rows: list[dict], tok, base: str) -> dict:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bench_baseline import lora_config, sft_config
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from bench_baseline import lora_config, sft_config
+    from ftune.data import formats
     from ftune.data.build import tokenize_records
     from ftune.data.collate import collate, collate_padding_free
-    from ftune.data import formats
     from ftune.methods import apply as apply_method
     from ftune.methods.fused_lora import fuse_lora_layers
     from ftune.methods.peft_methods import keep_activation_dtype

@@ -44,7 +44,7 @@ def write_report(r: dict) -> str:
                      + f" | {_f(ps.get('diff'))} | {ps.get('only_ftune', '')} | {ps.get('only_baseline', '')} | "
                      f"{_f(ps.get('mcnemar_p'), 2)} | " + " | ".join(_f(summ[a]["eval_loss_after"][i], 4) for a in arms) + " |")
     pd = summ.get("paired", {})
-    lines.append(f"| mean | " + " | ".join(f"{_f(summ[a]['mean'])} ± {_f(summ[a]['sd'])}" for a in arms)
+    lines.append("| mean | " + " | ".join(f"{_f(summ[a]['mean'])} ± {_f(summ[a]['sd'])}" for a in arms)
                  + f" | {_f(pd.get('diff_mean'))} ± {_f(pd.get('diff_sd'))} | {pd.get('only_ftune', '')} | "
                  f"{pd.get('only_baseline', '')} | {_f(pd.get('pooled_sign_test_p'), 2)} (pooled) | |")
     lines += ["", "± is the standard deviation over seeds; min-max: "

@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import torch
-
 from bench_workload import Settings, compose_arm, load_samples, model_folder, step_rows
 
 # Positions whose label is ignored by the loss (transformers and ftune agree on -100).

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from bench_profile import micro_batches, setup
 
 IGNORE = -100

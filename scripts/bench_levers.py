@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import ROOT, run_ftune
 from bench_workload import Settings, median
+
+from bench import ROOT, run_ftune
 
 # name -> (extra overrides, extra environment, packed rows?)
 LEVERS: dict[str, tuple[list[str], dict, bool]] = {

@@ -30,20 +30,21 @@ BASE_OVERRIDES = ["dataset.packing=false", "train.micro_batch_size=8", "train.ma
 
 def setup(overrides: list[str]) -> dict:
     """ftune's run setup up to the loop (ftune/train/run.py, without the run directory)."""
+    from ftune import runtime
     from ftune.config.compose import compose
     from ftune.data.build import build
+    from ftune.data.order import DataOrder
     from ftune.methods import Setup, apply, hooks_for
     from ftune.models import load as model_load
     from ftune.train import objectives
     from ftune.train.optim import build_optimizer, build_scheduler
     from ftune.train.run import make_accelerator, seed_everything
-    from ftune.train.trainer import DataOrder
 
     cfg = compose([*BASE_OVERRIDES, *overrides]).cfg
     seed_everything(cfg.train.seed)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
-    device = model_load.pick_device(cfg)
+    device = runtime.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
     model, tokenizer = model_load.load(cfg, accelerator.device)
     data = build(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)

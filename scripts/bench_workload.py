@@ -97,7 +97,7 @@ def load_samples(cfg: Any) -> tuple[list[dict], list[dict], Any]:
 def step_rows(n_rows: int, cfg: Any, steps: int) -> list[list[int]]:
     """Row indices of every optimiser step, in ftune's own seeded data order (micro-batches of a
     step concatenated): the baseline is fed these rows in this order."""
-    from ftune.train.trainer import DataOrder
+    from ftune.data.order import DataOrder
 
     order = DataOrder(n_rows, cfg.train.micro_batch_size, cfg.train.seed)
     per_step = cfg.train.grad_accum

@@ -59,9 +59,10 @@ def variable_length_rows(path: Path, rows: int = 2000, low: int = 150, high: int
     import random
     from importlib import metadata
 
+    from transformers import AutoTokenizer
+
     from ftune.config.compose import compose
     from ftune.models.load import resolve_model_path
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(compose([]).cfg.model))
     texts = []

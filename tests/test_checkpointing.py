@@ -87,7 +87,8 @@ def test_knobs_offer_checkpointing_only_when_auto_has_not_tried_it(tiny_override
     over = [*tiny_overrides, "train.micro_batch_size=16", "dataset.max_seq_len=512"]
     cfg = compose([*over, "train.gradient_checkpointing=false"]).cfg
     cfg.hardware.memory_gib = _memory_for(cfg, 1)
-    assert any(f.startswith("train.gradient_checkpointing=auto") and "(checkpointing 1 layer)" in f for f in knobs(cfg, model_shape(cfg)))
+    found = knobs(cfg, model_shape(cfg))
+    assert any(f.startswith("train.gradient_checkpointing=auto") and "(checkpointing 1 layer)" in f for f in found)
     cfg.train.gradient_checkpointing = "auto"
     assert resolve_checkpointing(cfg)[1].fits  # auto fits by itself: nothing to suggest about it
     assert not any("gradient_checkpointing" in f for f in knobs(cfg, model_shape(cfg)))

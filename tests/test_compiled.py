@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ftune import runtime
 from ftune.config.compose import compose
 from ftune.errors import FtuneError
 from ftune.train import compiled
@@ -19,17 +20,17 @@ def _hw(mode, strategy="none"):
 
 
 def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):
-    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/" + name)
-    assert compiled.wanted(_hw("auto"), 50, CPU) == (False, None)
-    on, note = compiled.wanted(_hw("auto"), 500, CPU)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert runtime.compiles(_hw("auto"), 50, CPU) == (False, None)
+    on, note = runtime.compiles(_hw("auto"), 500, CPU)
     assert on and "500 steps" in note
-    assert compiled.wanted(_hw("auto", "fsdp"), 500, CPU)[0] is False
-    assert compiled.wanted(_hw("false"), 500, CPU) == (False, None)
-    assert compiled.wanted(_hw("true"), 3, CPU) == (True, None)
-    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    assert compiled.wanted(_hw("auto"), 500, CPU)[0] is False
+    assert runtime.compiles(_hw("auto", "fsdp"), 500, CPU)[0] is False
+    assert runtime.compiles(_hw("false"), 500, CPU) == (False, None)
+    assert runtime.compiles(_hw("true"), 3, CPU) == (True, None)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    assert runtime.compiles(_hw("auto"), 500, CPU)[0] is False
     with pytest.raises(FtuneError, match="compiler"):
-        compiled.wanted(_hw("true"), 500, CPU)
+        runtime.compiles(_hw("true"), 500, CPU)
 
 
 def test_compile_setting_is_checked(tiny_overrides):
@@ -45,8 +46,8 @@ def test_a_compiled_run_learns_like_the_eager_run(tiny_overrides):
 
     from ftune.train.run import train
 
-    if compiled.compiler_missing(CPU):
-        pytest.skip(compiled.compiler_missing(CPU))
+    if runtime.compiler_missing(CPU):
+        pytest.skip(runtime.compiler_missing(CPU))
     common = [*tiny_overrides, "train.max_steps=3", "train.lr=1e-2", "dataset.packing=false",
               "train.sample_max_new_tokens=2"]
     eager = train(compose([*common, "train.run_name=eager", "hardware.compile=false"]))
@@ -62,10 +63,10 @@ def test_a_compiled_run_learns_like_the_eager_run(tiny_overrides):
 def test_compiled_cpu_runs_switch_to_matmul_attention_only_when_unset():
     cfg = SimpleNamespace(model=SimpleNamespace(attn_implementation="auto"),
                           hardware=SimpleNamespace(attn_implementation="auto"))
-    assert compiled.cpu_attention(cfg, CPU) == "eager"
-    assert compiled.cpu_attention(cfg, torch.device("cuda")) is None
+    assert runtime.compiled_attention(cfg, CPU) == "eager"
+    assert runtime.compiled_attention(cfg, torch.device("cuda")) is None
     cfg.model.attn_implementation = "sdpa"
-    assert compiled.cpu_attention(cfg, CPU) is None
+    assert runtime.compiled_attention(cfg, CPU) is None
 
 
 class _Broken(Exception):

@@ -9,8 +9,8 @@ import pytest
 
 from ftune.config.compose import GROUPS, compose, group_choices, recipe_names
 from ftune.config.schema import FtuneConfig
-from ftune.methods.lora import LoraConfig
 from ftune.errors import FtuneError
+from ftune.methods.lora import LoraConfig
 
 EXPECTED_RECIPES = {"smollm2-lora-sft", "smollm2-full-sft", "smollm2-lora-pt", "qlora-llama7b", "lora-llama3-8b",
                     "qlora-qwen2.5-7b", "lora-mistral-7b", "smollm2-dpo", "dpo-llama3-8b-lora", "smollm2-rm", "smollm2-ppo",

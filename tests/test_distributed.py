@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from ftune.config.checks import world_size
 from ftune.config.compose import compose
 from ftune.errors import FtuneError
+from ftune.runtime import world_size
 from ftune.train import distributed
 from ftune.train.run import train
 
@@ -215,7 +215,8 @@ def _parity(tiny_overrides, tmp_path, stage_args: list[str], profile: str = "cpu
     rows = {}
     for name in ("one", "two"):
         rows[name] = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-        rows[name] = {"train": [r for r in rows[name] if "loss" in r], "summary": json.loads((out / name / "summary.json").read_text())}
+        rows[name] = {"train": [r for r in rows[name] if "loss" in r],
+                      "summary": json.loads((out / name / "summary.json").read_text())}
     return rows["one"], rows["two"]
 
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from ftune.config.compose import compose
-from ftune.eval.report import EvalOptions, analyse, evaluate, evaluate_run, repetition_rate
 from ftune.errors import FtuneError
+from ftune.eval.report import EvalOptions, analyse, evaluate, evaluate_run, repetition_rate
 from ftune.train.run import train
 
 

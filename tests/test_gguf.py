@@ -258,10 +258,9 @@ def _shaped_tokenizer(folder, shape):
 
     shape: "gpt-2" (ByteLevel's own regex), "smollm" (single digits, then that regex), "llama-bpe"
     and "qwen2" (their Split regex, then ByteLevel without one); named as llama.cpp names them."""
+    from conftest import CHATML
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from conftest import CHATML
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=shape in ("gpt-2", "smollm"))
     steps = {"gpt-2": [], "smollm": [pre_tokenizers.Digits(individual_digits=True)],

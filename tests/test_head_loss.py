@@ -20,7 +20,7 @@ def _setup(tiny_overrides, method="lora"):
     data = build(cfg.dataset, "sft", cfg.train.seed, tok)
     torch.manual_seed(0)
     model = apply(model, cfg, Setup(total_steps=10, model_path="tiny"))
-    for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+    for _name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     batch = objectives.get(cfg.stage).collate(data.train[:6], tok.pad_token_id)

@@ -12,8 +12,8 @@ import torch
 from ftune.config.compose import compose
 from ftune.errors import FtuneError
 from ftune.export.merge import QALORA_GROUPS, merge_run
-from ftune.models.load import load
 from ftune.methods.runs import load_run
+from ftune.models.load import load
 from ftune.train.run import train
 
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])

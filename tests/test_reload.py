@@ -218,8 +218,8 @@ def test_dylora_cut_is_made_from_the_gathered_tensors(tiny_model_dir):
 
     from transformers import AutoModelForCausalLM
 
-    from ftune.methods.dylora import DyLoraConfig
     from ftune.methods import Setup, apply
+    from ftune.methods.dylora import DyLoraConfig
     from ftune.methods.saving import native_state
 
     method = DyLoraConfig(r=8, save_rank=DYLORA_CUT, target_modules=["q_proj"])

@@ -38,7 +38,8 @@ def test_state_io_round_trips_training_state_exactly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
     assert back["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16
     assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
-    assert back["optimizer"]["param_groups"][0]["lr"] == 1e-4 / 3 and back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    group = back["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-4 / 3 and group["betas"] == (0.9, 0.999)
     assert back["rng"]["python"] == state["rng"]["python"]
     np.random.set_state(back["rng"]["numpy"])  # accepted by numpy as is
     assert back["rng"]["numpy"][1].dtype == np.uint32
@@ -93,7 +94,8 @@ def test_secrets_never_reach_the_console_the_run_directory_or_errors(tiny_overri
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = ok.stdout + ok.stderr
     assert SECRET not in out and "<redacted HF_TOKEN>" in re.sub(r"\s+", " ", out)
-    files = [p for p in (tmp_path / "outputs" / "s").rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".txt", ".jsonl")]
+    files = [p for p in (tmp_path / "outputs" / "s").rglob("*")
+             if p.is_file() and p.suffix in (".json", ".yaml", ".txt", ".jsonl")]
     assert any(p.name == "config.yaml" for p in files)
     for path in files:
         assert SECRET not in path.read_text(errors="replace"), path

@@ -11,12 +11,11 @@ from safetensors.torch import load_file
 
 from ftune.config.compose import compose
 from ftune.data.collate import collate
+from ftune.methods import Setup, count_parameters
 from ftune.methods import apply as apply_method
-from ftune.methods import count_parameters
+from ftune.methods.saving import save_trained
 from ftune.models import load as model_load
 from ftune.train.objectives.causal_lm import CAUSAL_LM, causal_lm
-from ftune.methods import Setup
-from ftune.methods.saving import save_trained
 from ftune.train.run import make_accelerator, train
 from ftune.train.trainer import train_step
 
@@ -152,7 +151,7 @@ def test_qlora_trains_on_cpu_through_bitsandbytes(tiny_overrides):
                     reason="bitsandbytes not installed")
 def test_qlora_gradients_survive_a_held_out_evaluation(tiny_overrides):
     """An eval pass must not switch the 4-bit layers to bitsandbytes' CPU kernel without a backward."""
-    from ftune.train.trainer import evaluate
+    from ftune.train.trainer import evaluate_all
 
     cfg = compose([*tiny_overrides, "method=qlora", "method.r=4", "method.dropout=0", "hardware.precision=bf16"]).cfg
     samples = None
@@ -169,7 +168,7 @@ def test_qlora_gradients_survive_a_held_out_evaluation(tiny_overrides):
         accelerator = make_accelerator(cfg, torch.device("cpu"))
         batch = collate(samples, tok.pad_token_id)
         if run_eval_first:
-            evaluate(model, CAUSAL_LM, samples, 4, tok.pad_token_id, accelerator)
+            evaluate_all(model, CAUSAL_LM, samples, 4, tok.pad_token_id, accelerator)
         model.train()
         with accelerator.autocast():
             loss, n = causal_lm(model, batch)
@@ -196,7 +195,7 @@ def test_adamw_takes_the_fused_kernel_on_cpu_with_the_same_update():
     assert fused.defaults["fused"] is True
     plain = torch.optim.AdamW([{"params": reference[:1], "weight_decay": 0.1}, {"params": reference[1:], "weight_decay": 0.0}],
                               lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False)
-    for step in range(3):
+    for _step in range(3):
         grads = [torch.randn_like(p) for p in reference]
         for p, q, g in zip(model.parameters(), reference, grads):
             p.grad, q.grad = g.clone(), g.clone()

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 from ftune import resources
+from ftune.config.registry import schemas
 from ftune.config.rules import choice as _choice
 from ftune.config.rules import positive as _positive
 from ftune.config.schema import FtuneConfig
-from ftune.data.formats import FORMATS
+from ftune.runtime import tristate, world_size
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -25,8 +26,7 @@ TRAIN_ON = ("assistant", "last", "all")
 # Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
 STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",), "rm": ("pairwise",),
                     "ppo": ("ppo",)}
-# Stages trained on preference pairs, and the stages each data format may feed.
-PAIR_STAGES = ("dpo", "rm")
+# The stages each data format may feed.
 STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
                  "sft": ("alpaca", "qa", "messages", "sharegpt"),
                  "dpo": ("preference", "feedback"), "rm": ("preference",),
@@ -68,7 +68,7 @@ def _derive_scale_out(cfg: FtuneConfig) -> list[str]:
     process count. Keep the global batch (micro_batch_size x grad_accum rows) when it divides;
     otherwise grow grad_accum and say so."""
     hw, tr, notes = cfg.hardware, cfg.train, []
-    tr.gradient_checkpointing = str(tr.gradient_checkpointing).strip().lower()  # YAML `true` arrives as "True"
+    tr.gradient_checkpointing = tristate(tr.gradient_checkpointing)
     if hw.activation_checkpointing and tr.gradient_checkpointing in ("auto", "false"):
         tr.gradient_checkpointing = "true"
     world = world_size(cfg)
@@ -107,23 +107,24 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
 
 
 def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
-    d = cfg.dataset
+    d, formats = cfg.dataset, sorted(schemas("format"))
     if not d.sources:
         problems.append("dataset.sources is empty; add at least one {path, format}")
     for i, src in enumerate(d.sources):
         key = f"dataset.sources[{i}]"
-        _choice(problems, f"{key}.format", src.format, sorted(FORMATS))
+        _choice(problems, f"{key}.format", src.format, formats)
         if src.weight <= 0:
             problems.append(f"{key}.weight must be > 0 (got {src.weight})")
         path = resources.resolve_path(src.path)
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():
             problems.append(f"{key}.path: file {path} does not exist")
-        allowed = STAGE_FORMATS.get(cfg.stage.name, FORMATS)
-        if src.format in FORMATS and src.format not in allowed:
+        allowed = STAGE_FORMATS.get(cfg.stage.name, formats)
+        if src.format in formats and src.format not in allowed:
             users = [stage for stage, fmts in STAGE_FORMATS.items() if src.format in fmts]
             problems.append(f"{key}.format={src.format} does not fit stage={cfg.stage.name}: it takes "
-                            f"{' or '.join(f'format={a}' for a in allowed)}; format={src.format} is for {' or '.join(f'stage={u}' for u in users)}")
+                            f"{' or '.join(f'format={a}' for a in allowed)}; format={src.format} is for "
+                            f"{' or '.join(f'stage={u}' for u in users)}")
     if str(d.template).endswith((".yaml", ".yml")):  # a template file of the user's
         if not Path(str(d.template)).expanduser().is_file():
             problems.append(f"dataset.template: file {d.template} does not exist")
@@ -177,19 +178,12 @@ def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
         problems.append(f"train.optim={cfg.train.optim} needs bitsandbytes on CUDA; use train.optim=adamw on CPU")
 
 
-def world_size(cfg: FtuneConfig) -> int:
-    """Processes of the whole run (num_processes 0: one per visible GPU, at least one)."""
-    from ftune.train.distributed import processes_per_node
-
-    return processes_per_node(cfg.hardware) * max(1, cfg.hardware.num_nodes)
-
-
 def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
     hw = cfg.hardware
     _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
     _choice(problems, "hardware.attn_implementation", hw.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
-    hw.compile = str(hw.compile).lower()  # `hardware.compile=true` arrives as "True"
+    hw.compile = tristate(hw.compile)
     _choice(problems, "hardware.compile", hw.compile, ("auto", "true", "false"))
     if hw.compile == "true" and hw.strategy in ("fsdp", "deepspeed"):
         problems.append(f"hardware.compile=true works with strategy none or ddp (got {hw.strategy}); "

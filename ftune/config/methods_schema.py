@@ -35,6 +35,13 @@ class MethodConfig:
     """Why the method trains in one process only ("": it runs in several)."""
     base_quantization: ClassVar[str] = ""
     """The model.quantization the method implies when none is set ("": none)."""
+    trains_every_weight: ClassVar[bool] = False
+    """Every parameter of the model is trained (the memory estimate keeps no frozen weights)."""
+    quantised_variant: ClassVar[str] = ""
+    """The same method on a 4-bit base, which `ftune plan` suggests when memory is short ("": none)."""
+    counted_as: ClassVar[str] = ""
+    """A method with the same trainable parameters on an unquantised base, which the memory estimate
+    builds on an empty (meta) model when this one cannot be built there ("": this one)."""
 
     def problems(self, cfg: Any) -> list[str]:
         """This method's own validation rules, as "method.key: what is wrong (got X); the fix"."""

@@ -1,7 +1,8 @@
-"""The typed schemas of the plugin groups, registered by the modules that implement them.
+"""What the plugin groups define, registered by the modules that implement them.
 
 A method registers its schema (a MethodConfig subclass) from its own module in ftune.methods, so
-that module is the one place of the method. The config layer sits below the methods and never
+that module is the one place of the method; a data format registers its name and canonical fields
+from ftune.data.formats. The config layer sits below the methods and never
 imports them by name: `discover()` imports the plugin packages, whose modules register themselves
 as they load (the way installed plugins are found by name through entry points).
 """
@@ -9,14 +10,15 @@ as they load (the way installed plugins are found by name through entry points).
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 # Packages whose modules register schemas when imported.
-PLUGIN_PACKAGES = ("ftune.methods",)
-_SCHEMAS: dict[str, dict[str, type]] = {"method": {}}
+PLUGIN_PACKAGES = ("ftune.methods", "ftune.data.formats")
+_SCHEMAS: dict[str, dict[str, Any]] = {"method": {}, "format": {}}
 _discovered = False
 
 
-def register_schema(group: str, name: str, schema: type) -> None:
+def register_schema(group: str, name: str, schema: Any) -> None:
     known = _SCHEMAS.setdefault(group, {})
     if name in known and known[name] is not schema:
         raise ValueError(f"{group} '{name}' is registered twice")
@@ -32,7 +34,8 @@ def discover() -> None:
             importlib.import_module(package)
 
 
-def schemas(group: str) -> dict[str, type]:
-    """name -> schema of one plugin group, every plugin registered."""
+def schemas(group: str) -> dict[str, Any]:
+    """name -> what one plugin group registered (a method's schema, a format's fields), every
+    plugin loaded."""
     discover()
     return dict(_SCHEMAS.get(group, {}))

@@ -16,7 +16,6 @@ from ftune.config.methods_schema import MethodConfig  # noqa: F401 (the method g
 from ftune.config.registry import schemas
 
 
-
 # ----------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ftune import resources
 from ftune.config.schema import DatasetConfig, SourceConfig
 from ftune.data import formats, sources, templates
@@ -93,7 +92,8 @@ def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
         "seed": seed,
         "template": template_file.read_text() if template_file.is_file() else cfg.template,
         "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "files": [sources.fingerprint(s.path) for s in cfg.sources] + ([sources.fingerprint(cfg.eval_path)] if cfg.eval_path else []),
+        "files": [sources.fingerprint(s.path) for s in cfg.sources]
+        + ([sources.fingerprint(cfg.eval_path)] if cfg.eval_path else []),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -207,7 +207,8 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
     held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, stage)
     if not train:
         raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
-                         [f"{train_stats.dropped_no_target} samples had no assistant tokens within max_seq_len={cfg.max_seq_len}"],
+                         [f"{train_stats.dropped_no_target} samples had no assistant tokens within "
+                          f"max_seq_len={cfg.max_seq_len}"],
                          "Raise dataset.max_seq_len or check the template and train_on setting.")
     prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
     stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path),

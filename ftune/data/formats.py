@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ftune.config.registry import register_schema
 from ftune.data.badrows import FAIL, BadRows
-from ftune.errors import FtuneError
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -27,6 +27,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "feedback": ("prompt", "completion", "label", "system"),
 }
 FORMATS = tuple(FIELDS)
+for _name, _fields in FIELDS.items():  # the config layer validates dataset.sources[i].format with these
+    register_schema("format", _name, _fields)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
@@ -168,7 +170,8 @@ def from_prompt(row: Row, system: str | None) -> Record:
     return {"messages": messages, **({"reference": reference} if reference else {})}
 
 
-LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "1": True, "0": False,
+# True/False also match the numbers 1/0 (equal keys in a dict)
+LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False,
           "good": True, "bad": False, "desirable": True, "undesirable": False}
 
 

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ftune import resources
 from ftune.errors import FtuneError
-from ftune.yamlfile import read_mapping
 from ftune.registry import unknown_name_error
+from ftune.yamlfile import read_mapping
 
 
 @dataclass

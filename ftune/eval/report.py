@@ -289,7 +289,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"## Greedy answers to {n} held-out prompts", "",
                   "Problems (trained): " + (", ".join(f"{k} {v}/{n}" for k, v in sorted(t["problem_counts"].items())) or "none")]
         if "problem_counts" in b:
-            lines.append("Problems (base): " + (", ".join(f"{k} {v}/{n}" for k, v in sorted(b["problem_counts"].items())) or "none"))
+            counts = ", ".join(f"{k} {v}/{n}" for k, v in sorted(b["problem_counts"].items()))
+            lines.append("Problems (base): " + (counts or "none"))
         lines.append("")
         for g in t["generations"][:8]:
             flag = f" **[{', '.join(g['problems'])}]**" if g["problems"] else ""

@@ -78,27 +78,11 @@ def _dense_weight(module: Any) -> torch.Tensor | None:
     return None
 
 
-def qalora_groups(model: Any) -> tuple[dict[str, torch.Tensor], int]:
-    """Every merged GroupQuantLinear as `<module>.codes|scale|zero` tensors, and the group size."""
-    from ftune.methods.qalora import GroupQuantLinear
-
-    tensors: dict[str, torch.Tensor] = {}
-    sizes = set()
-    for name, module in model.named_modules():
-        if isinstance(module, GroupQuantLinear):
-            tensors[f"{name}.codes"] = module.codes.detach().to(torch.uint8).contiguous()
-            tensors[f"{name}.scale"] = module.scale.detach().float().contiguous()
-            tensors[f"{name}.zero"] = module.zero.detach().float().contiguous()
-            sizes.add(module.group_size)
-    if len(sizes) > 1:  # one method.group_size per run, so this would be a bug, not a user error
-        raise FtuneError(f"QA-LoRA layers have different group sizes: {sorted(sizes)}")
-    return tensors, sizes.pop() if sizes else 0
-
-
 def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[str, torch.Tensor], int]]:
     """(plain transformers model in `dtype`, tokenizer, the run's config, (QA-LoRA groups, group size)).
 
     The groups are only kept for 4-bit QA-LoRA, the one case a GGUF type (q4_1) holds them exactly."""
+    from ftune.methods import spec_of
     from ftune.methods.merge import merge
     from ftune.methods.runs import load_model
     from ftune.methods.saving import attach_trained
@@ -115,9 +99,8 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[s
     if not saved.method.saves_full_model:
         model = attach_trained(model, folder, saved.method, saved.model.allow_pickle)
         model = merge(model, saved.method)
-    groups: tuple[dict[str, torch.Tensor], int] = ({}, 0)
-    if saved.method.name == "qalora" and saved.method.bits == 4:
-        groups = qalora_groups(model)
+    spec = spec_of(saved.method)
+    groups = spec.merged_groups(model, saved.method) if spec.merged_groups is not None else ({}, 0)
     dequantize_linears(model, torch.float32)  # QA-LoRA merges into its INT4 groups
     for attr in ("quantization_config",):
         if hasattr(model.config, attr):

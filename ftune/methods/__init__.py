@@ -5,10 +5,23 @@ A method may give the trainer step hooks (AdaLoRA's budget update, DyLoRA's rank
 learning-rate scale per parameter (LoRA+).
 """
 
-from ftune.methods.base import (MethodSpec, Setup, SPECS, StepHooks, apply, count_parameters, freeze_all,
-                                hooks_for, is_peft, register, spec_of, unwrap_modules, wrap_linears)
-# Every method module, so each registers its spec (and schema) once.
-from ftune.methods import adapters, bitfit, dylora, full, longlora, lora, peft_methods, prompts, qalora  # noqa: E402,F401
+# Every method module, imported so that each registers its spec (and its schema) once.
+from ftune.methods import adapters, bitfit, dylora, full, longlora, lora, peft_methods, prompts, qalora  # noqa: F401
+from ftune.methods.base import (
+    SPECS,
+    MethodSpec,
+    Setup,
+    StepHooks,
+    apply,
+    count_parameters,
+    freeze_all,
+    hooks_for,
+    is_peft,
+    register,
+    spec_of,
+    unwrap_modules,
+    wrap_linears,
+)
 
 __all__ = ["MethodSpec", "SPECS", "Setup", "StepHooks", "apply", "count_parameters", "freeze_all", "hooks_for",
            "is_peft", "register", "spec_of", "unwrap_modules", "wrap_linears"]

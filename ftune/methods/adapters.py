@@ -11,7 +11,7 @@ saved with the bottlenecks and loaded back with them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn

@@ -82,6 +82,9 @@ class MethodSpec:
     saved tensors are copied in (None: apply the method again)."""
     prepare_base: Callable[[Any, Path], None] | None = None
     """(base model, folder): adjusts the base before a saved peft adapter loads onto it."""
+    merged_groups: Callable[[Any, Any], tuple[dict, int]] | None = None
+    """(merged model, method config) -> (tensors, group size) of quantised groups the merged model
+    keeps exactly, which the GGUF export writes as they are (QA-LoRA's 4-bit groups as q4_1)."""
 
     @property
     def name(self) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from ftune.config.methods_schema import MethodConfig
 from ftune.config.rules import positive
 from ftune.errors import FtuneError
 from ftune.methods.base import MethodSpec, freeze_all, register
+from ftune.runtime import decoder_layers
 
 
 @dataclass
@@ -20,6 +19,7 @@ class FullConfig(MethodConfig):
     name: str = "full"
     trains_base: ClassVar[bool] = True
     saves_full_model: ClassVar[bool] = True
+    trains_every_weight: ClassVar[bool] = True
 
 
 @dataclass
@@ -48,21 +48,14 @@ def apply_full(model: Any, cfg: Any, setup: Any = None) -> Any:
     return model
 
 
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The stack of decoder blocks: the ModuleList as long as config.num_hidden_layers."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise FtuneError("method=freeze: could not find the decoder layers of this model",
-                     hint="Name the modules to train with method.trainable_modules and method.trainable_layers=0.")
-
-
 def apply_freeze(model: Any, cfg: Any, setup: Any = None) -> Any:
     method = cfg.method
     freeze_all(model)
     if method.trainable_layers:
         layers = decoder_layers(model)
+        if not layers:
+            raise FtuneError("method=freeze: could not find the decoder layers of this model",
+                             hint="Name the modules to train with method.trainable_modules and method.trainable_layers=0.")
         for layer in layers[-min(method.trainable_layers, len(layers)):]:
             for p in layer.parameters():
                 p.requires_grad_(True)

@@ -42,6 +42,7 @@ class LoraConfig(MethodConfig):
     loraplus_lr_ratio: float = 0.0
     """LoRA+ (Hayou et al. 2024): B matrices learn at lr x this ratio (16 in the paper); 0: off."""
     adapter_reference: ClassVar[bool] = True
+    quantised_variant: ClassVar[str] = "qlora"
 
     def problems(self, cfg: Any) -> list[str]:
         problems: list[str] = []
@@ -62,6 +63,8 @@ class QLoraConfig(LoraConfig):
 
     name: str = "qlora"
     base_quantization: ClassVar[str] = "4bit"
+    counted_as: ClassVar[str] = "lora"  # the same adapter; the 4-bit base is counted with the weights
+    quantised_variant: ClassVar[str] = ""
 
     def problems(self, cfg: Any) -> list[str]:
         problems = super().problems(cfg)

@@ -240,8 +240,8 @@ def _requantise_dtype(folder: Path) -> torch.dtype | None:
     """The dtype the run behind `folder` loaded its base in (None: unknown), with a note to the user."""
     from rich.console import Console
 
-    from ftune.models.load import weight_dtype
     from ftune.models.runs import is_run_dir, run_config
+    from ftune.runtime import weight_dtype
 
     run_dir = folder.parent
     dtype = weight_dtype(run_config(run_dir)) if is_run_dir(run_dir) else None
@@ -257,4 +257,23 @@ def _save_base(model: Any, folder: Path, method: QALoraConfig) -> None:
     save_base_state(model, folder, method.bits)  # its quantised base is part of the trained model
 
 
-register(MethodSpec(QALoraConfig, apply_qalora, merge=merge_qalora, save_extra=_save_base, rebuild=apply_saved))
+def merged_groups(model: Any, method: QALoraConfig) -> tuple[dict[str, torch.Tensor], int]:
+    """Every merged GroupQuantLinear as `<module>.codes|scale|zero` tensors, and the group size;
+    only 4-bit groups, the one case a GGUF type (q4_1) holds exactly."""
+    tensors: dict[str, torch.Tensor] = {}
+    sizes = set()
+    if method.bits != 4:
+        return tensors, 0
+    for name, module in model.named_modules():
+        if isinstance(module, GroupQuantLinear):
+            tensors[f"{name}.codes"] = module.codes.detach().to(torch.uint8).contiguous()
+            tensors[f"{name}.scale"] = module.scale.detach().float().contiguous()
+            tensors[f"{name}.zero"] = module.zero.detach().float().contiguous()
+            sizes.add(module.group_size)
+    if len(sizes) > 1:  # one method.group_size per run, so this would be a bug, not a user error
+        raise FtuneError(f"QA-LoRA layers have different group sizes: {sorted(sizes)}")
+    return tensors, sizes.pop() if sizes else 0
+
+
+register(MethodSpec(QALoraConfig, apply_qalora, merge=merge_qalora, save_extra=_save_base, rebuild=apply_saved,
+                    merged_groups=merged_groups))

@@ -17,8 +17,7 @@ from ftune.methods.merge import merge as merge_method
 from ftune.methods.saving import attach_trained
 from ftune.models import load as model_load
 from ftune.models.runs import is_run_dir, run_config, trained_folder
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from ftune.runtime import DTYPE_NAMES, weight_dtype
 
 
 def load_model(cfg: FtuneConfig, device: torch.device) -> tuple[Any, Any]:
@@ -43,7 +42,7 @@ def load_run(run_dir: Path, device: torch.device, current: FtuneConfig | None = 
     saved = run_config(run_dir)
     folder = trained_folder(run_dir, saved)
     loader = current or saved
-    model_cfg = dataclasses.replace(saved.model, dtype=DTYPE_NAMES[model_load.weight_dtype(loader)])
+    model_cfg = dataclasses.replace(saved.model, dtype=DTYPE_NAMES[weight_dtype(loader)])
     if saved.method.saves_full_model:  # the saved folder is a complete model
         model_cfg = dataclasses.replace(model_cfg, path=str(folder))
     model, tokenizer = load_model(dataclasses.replace(loader, model=model_cfg), device)

@@ -20,9 +20,7 @@ from ftune import resources, safety
 from ftune.config.schema import FtuneConfig, ModelConfig
 from ftune.errors import FtuneError
 from ftune.models.runs import is_run_dir
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from ftune.runtime import PRECISION_DTYPES, attention_impl, weight_dtype
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -61,42 +59,6 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         return str(gguf_to_folder(path))
     safety.refuse_pickle(path, "model.path", cfg.allow_pickle)
     return str(path) if path.exists() else cfg.path
-
-
-def weight_dtype(cfg: FtuneConfig) -> torch.dtype:
-    """auto: a frozen base in the training precision; trained weights stay fp32 (master weights:
-    AdamW on bf16 weights loses small updates)."""
-    if cfg.model.dtype != "auto":
-        return DTYPES[cfg.model.dtype]
-    if cfg.method.trains_base:
-        return torch.float32
-    return PRECISION_DTYPES[cfg.hardware.precision]
-
-
-def pick_device(cfg: FtuneConfig) -> torch.device:
-    if cfg.hardware.device == "cuda" or (cfg.hardware.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise FtuneError("hardware.device=cuda, but torch sees no CUDA GPU",
-                             hint="Use hardware=cpu, or install a CUDA build of torch on a GPU machine.")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def attention_impl(cfg: ModelConfig, device: torch.device, hardware: Any = None) -> str:
-    """The model's setting, else the hardware profile's, else flash-attention 2 on CUDA when
-    installed, else SDPA."""
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    if hardware is not None and hardware.attn_implementation != "auto":
-        return hardware.attn_implementation
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
 
 
 def quantization_config(cfg: FtuneConfig) -> Any:

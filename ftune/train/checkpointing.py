@@ -51,7 +51,7 @@ def restrict(model: Any, layers: int) -> int:
 
     transformers reads a per-layer `gradient_checkpointing` flag at every call, so the others run
     their plain forward and keep their activations."""
-    from ftune.train.distributed import decoder_layers
+    from ftune.runtime import decoder_layers
 
     if not layers:
         return 0

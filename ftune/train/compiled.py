@@ -6,63 +6,18 @@ about 35 s the first time, about 12 s with inductor's on-disk cache, and then fu
 the norms, rotary embedding, SiLU-gate and residual adds. Measured on the default CPU workload
 (SmolLM2-135M LoRA, packed 2x256, bf16): 1.27x tokens/s over the eager step.
 
+Whether a run compiles is decided in ftune.runtime (compiles, compiled_attention).
+
 Only the training forward (grad enabled, module in train mode) takes the compiled path:
 evaluation and sampling run eagerly, so they never trigger compiles for their own shapes.
 """
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from typing import Any
 
 import torch
-
-AUTO_MIN_STEPS = 200  # auto: the one-time compile (~35 s on 2 cores) pays back after ~130 steps
-
-
-def compiler_missing(device: torch.device) -> str | None:
-    """Why torch.compile cannot build kernels here, or None when it can."""
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "Triton is not installed (pip install triton)"
-        return None
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return "no C++ compiler on PATH (inductor builds CPU kernels with g++ or clang++)"
-    return None
-
-
-def wanted(hw: Any, steps: int, device: torch.device) -> tuple[bool, str | None]:
-    """(compile this run?, a note for the user) from hardware.compile = auto | true | false."""
-    mode = str(hw.compile).lower()
-    if mode == "false":
-        return False, None
-    missing = compiler_missing(device)
-    if mode == "true":
-        if missing:
-            from ftune.errors import FtuneError
-
-            raise FtuneError("hardware.compile=true, but torch.compile cannot run here", [missing],
-                             "Install the compiler, or set hardware.compile=auto (compiles only when it can) "
-                             "or false.")
-        return True, None
-    if hw.strategy in ("fsdp", "deepspeed") or missing or steps < AUTO_MIN_STEPS:
-        return False, None
-    return True, f"hardware.compile=auto: compiling the decoder layers ({steps} steps); set false to skip"
-
-
-def cpu_attention(cfg: Any, device: torch.device) -> str | None:
-    """The attention implementation a compiled CPU run switches to, or None to keep the loaded one.
-
-    Compiled, the plain matmul-softmax-matmul attention beats the CPU flash-attention kernel
-    (whose backward is the largest non-matmul cost of the step): inductor fuses the mask, softmax
-    and casts around two batched matmuls. Measured on the default workload (packed 2x256, bf16,
-    compiled): 1.13x tokens/s. Only when neither model nor hardware names an implementation."""
-    if device.type != "cpu" or cfg.model.attn_implementation != "auto" or cfg.hardware.attn_implementation != "auto":
-        return None
-    return "eager"
 
 
 def _mark_shapes(hidden: Any, rotary: Any) -> None:
@@ -100,7 +55,7 @@ def compile_layers(model: Any, strict: bool = False) -> int:
     switches every layer back to eager with a warning (hardware.compile=auto), or stops the run
     with the reason (strict: hardware.compile=true). The failed call is retried eagerly: the
     layer had not run yet."""
-    from ftune.train.distributed import decoder_layers
+    from ftune.runtime import decoder_layers
 
     layers = decoder_layers(model)
     state = {"failed": False}

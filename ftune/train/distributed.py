@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ftune.errors import FtuneError
+from ftune.runtime import decoder_layers, processes_per_node
 
 LAUNCHED = "FTUNE_LAUNCHED"  # set in the relaunched processes (never relaunch twice)
 ERROR_DIR = "FTUNE_ERROR_DIR"  # where relaunched processes leave their error panel for the launching command
@@ -56,12 +57,6 @@ def unwrap_parallel(model: Any) -> Any:
     while isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
         model = model.module
     return model
-
-
-def processes_per_node(hw: Any) -> int:
-    if hw.num_processes > 0:
-        return hw.num_processes
-    return max(1, torch.cuda.device_count()) if hw.device != "cpu" else 1
 
 
 def _slurm_first_host() -> str | None:
@@ -165,12 +160,6 @@ def first_error(folder: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The transformer blocks (one FSDP unit each): modules whose class name ends in DecoderLayer."""
-    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))
-            and any(p.numel() for p in m.parameters())]
-
-
 def shard_fsdp(model: Any, hw: Any, device: torch.device) -> Any:
     """FSDP2: each decoder layer, then the root, sharded over all processes."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -244,8 +233,7 @@ def load_full_state(model: Any, optimizer: Any, tensors: dict[str, torch.Tensor]
                 params[name].copy_(tensor.to(params[name].device))
         optimizer.load_state_dict(optim)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, tensors, options=options)

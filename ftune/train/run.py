@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ftune import safety
+from ftune import runtime, safety
 from ftune.config.compose import Composed
 from ftune.config.schema import FtuneConfig
 from ftune.data import templates
@@ -32,11 +32,10 @@ from ftune.methods.fused_lora import fuse_lora_layers
 from ftune.methods.peft_methods import keep_activation_dtype
 from ftune.methods.runs import load_model
 from ftune.methods.saving import save_trained
-from ftune.models import load as model_load
 from ftune.train import checkpoint, checkpointing, compiled, distributed, objectives, stopping
+from ftune.train.heads import WithScalarHead, save_head, unwrap_head
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
-from ftune.train.heads import WithScalarHead, save_head, unwrap_head
 from ftune.train.trainer import FitState, LoopParts, evaluate_held_out, fit, save_checkpoint, total_steps
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -166,7 +165,8 @@ def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[d
     model.eval()
     with torch.no_grad(), accelerator.autocast():
         out = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
-                             eos_token_id=templates.stop_token_ids(tokenizer, cfg.dataset.template), pad_token_id=tokenizer.pad_token_id)
+                             eos_token_id=templates.stop_token_ids(tokenizer, cfg.dataset.template),
+                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -182,7 +182,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
 
-    device = model_load.pick_device(cfg)
+    device = runtime.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
     device = accelerator.device  # several GPUs: this process's own
     # The run directory is decided first (a refused one costs no loading), by rank 0 for all.
@@ -220,8 +220,8 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
 
     checkpointing.enable(model, recompute)
     steps = run_steps(cfg, len(data.train))
-    use_compile, compile_note = compiled.wanted(cfg.hardware, steps, device)
-    attention = compiled.cpu_attention(cfg, device) if use_compile else None
+    use_compile, compile_note = runtime.compiles(cfg.hardware, steps, device)
+    attention = runtime.compiled_attention(cfg, device) if use_compile else None
     if attention:
         model.set_attn_implementation(attention)
     base_path = model.name_or_path
@@ -234,7 +234,7 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if cfg.hardware.fused_ops:
         fuse_lora_layers(model)
     if use_compile:
-        compiled.compile_layers(model, strict=cfg.hardware.compile == "true")
+        compiled.compile_layers(model, strict=runtime.tristate(cfg.hardware.compile) == "true")
         setup.notes += [compile_note] if compile_note else []
     if cfg.stage.name == "dpo":
         from ftune.train.objectives.dpo import prepare_reference
@@ -369,9 +369,10 @@ def _fmt(metrics: dict) -> str:
 
 def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
     t = stats["train"]
+    packed = f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else ""
     console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
                   f"{stats['eval']['samples']} held-out"
-                  + (f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else "")
+                  + packed
                   + (" [from cache]" if stats.get("from_cache") else ""))
     if t["truncated"]:
         console.print(f"[yellow]warning:[/] {t['truncated']} samples were longer than dataset.max_seq_len="

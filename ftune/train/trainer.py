@@ -17,30 +17,12 @@ from typing import Any
 import torch
 
 from ftune.config.schema import TrainConfig
+from ftune.data.order import DataOrder
 from ftune.methods import StepHooks
 from ftune.train import checkpoint, distributed, stopping
 from ftune.train.heads import WithScalarHead, unwrap_head
 from ftune.train.metrics import MetricsLog
 from ftune.train.objectives import Objective
-
-
-class DataOrder:
-    """The micro-batch stream: a seeded permutation per epoch, cut into micro-batches.
-
-    Micro-batch m is a pure function of (seed, m), so resuming at step s needs nothing but s.
-    """
-
-    def __init__(self, n: int, micro_batch_size: int, seed: int):
-        self.n, self.mbs, self.seed = n, micro_batch_size, seed
-        self.per_epoch = math.ceil(n / micro_batch_size)
-        self._perm: tuple[int, list[int]] | None = None
-
-    def micro(self, m: int) -> list[int]:
-        epoch, pos = divmod(m, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
-        return self._perm[1][pos * self.mbs:(pos + 1) * self.mbs]
 
 
 def total_steps(cfg: TrainConfig, n_samples: int) -> int:
@@ -73,10 +55,6 @@ def evaluate_all(model: Any, objective: Objective, samples: list[dict], mbs: int
     model.train(was_training)
     units = max(units, 1)
     return total / units, {key: value / units for key, value in sums.items()}
-
-
-def evaluate(model: Any, objective: Objective, samples: list[dict], mbs: int, pad_id: int, accelerator: Any) -> float:
-    return evaluate_all(model, objective, samples, mbs, pad_id, accelerator)[0]
 
 
 def evaluate_held_out(parts: "LoopParts", mbs: int) -> tuple[float, dict[str, float]]:

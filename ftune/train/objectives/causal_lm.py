@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ftune import runtime
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
 from ftune.train.objectives import OBJECTIVES, Objective
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-CHUNK = 4096  # target positions per logits chunk: 4096 x 150k-vocab fp32 logits = 2.4 GB at most
+CHUNK = runtime.HEAD_CHUNK  # the memory estimate (plan) counts the same chunk
 
 
 def count_targets(batch: dict) -> int:

@@ -19,9 +19,9 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ftune.data import templates
+from ftune.data.order import DataOrder
 from ftune.train import rewards
 from ftune.train.heads import WithScalarHead
 from ftune.train.objectives import OBJECTIVES, Objective
@@ -174,8 +174,6 @@ class PpoSource:
     steps, shuffled (by micro-batch, seeded) on every pass over it."""
 
     def __init__(self, parts: Any, state: Any):
-        from ftune.train.trainer import DataOrder
-
         self.parts, self.state = parts, state
         self.stage, self.train = parts.cfg.stage, parts.cfg.train
         self.micro_per_rollout = self.train.grad_accum * self.stage.mini_batches
