@@ -116,7 +116,7 @@ def main() -> None:
         test = [json.loads(x) for x in (DATA / "test.jsonl").read_text().splitlines() if x.strip()]
         records = formats.to_records([{k: r[k] for k in ("instruction", "input", "output")} for r in test], "alpaca",
                                      {}, None, "test")
-        ftune_test, _ = tokenize_records(records, cfg.dataset, tok, "sft")
+        ftune_test, _ = tokenize_records(records, cfg.dataset, tok)
         scorer = render_prompts(test, tok)
         same = sum(r["input_ids"][:next(i for i, x in enumerate(r["labels"]) if x != IGNORE)] == p
                    for r, p in zip(ftune_test, scorer))

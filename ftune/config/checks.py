@@ -23,28 +23,17 @@ QUANTIZATION = ("none", "4bit", "8bit")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 TRAIN_ON = ("assistant", "last", "all")
-# Which objectives each stage may use; later stages (rm, dpo, ppo) add theirs here.
-STAGE_OBJECTIVES = {"pt": ("causal_lm",), "sft": ("causal_lm",), "dpo": ("dpo",), "rm": ("pairwise",),
-                    "ppo": ("ppo",)}
-# The stages each data format may feed.
-STAGE_FORMATS = {"pt": ("text", "alpaca", "qa", "messages", "sharegpt"),
-                 "sft": ("alpaca", "qa", "messages", "sharegpt"),
-                 "dpo": ("preference", "feedback"), "rm": ("preference",),
-                 "ppo": ("prompt", "alpaca", "qa", "messages", "sharegpt", "preference")}
-PPO_REWARDS = ("model", "length", "regex", "reference")
-DPO_LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo", "kto")
 
 
 def template_names() -> list[str]:
     return sorted(["model", *(p.stem for p in resources.templates_dir().glob("*.yaml"))])
 
 
-
 def derive(cfg: FtuneConfig) -> list[str]:
     """Settings implied by other settings, applied once after composition; returns notes that
     tell the user what was changed."""
     notes, no_packing = [], cfg.method.no_packing
-    if no_packing or cfg.stage.name in ("dpo", "rm", "ppo"):
+    if no_packing or cfg.stage.whole_rows:
         cfg.dataset.padding_free = False  # rows cannot be shared (see packing below)
     if no_packing and cfg.dataset.packing:
         cfg.dataset.packing = False
@@ -53,13 +42,12 @@ def derive(cfg: FtuneConfig) -> list[str]:
         cfg.model.quantization = cfg.method.base_quantization
     if cfg.dataset.template is None:
         cfg.dataset.template = cfg.model.template
-    if cfg.stage.name == "pt":
-        cfg.dataset.train_on = "all"
+    if cfg.stage.train_on:
+        cfg.dataset.train_on = cfg.stage.train_on
     notes += _derive_scale_out(cfg)
-    if cfg.stage.name in ("dpo", "rm", "ppo") and cfg.dataset.packing:
+    if cfg.stage.whole_rows and cfg.dataset.packing:
         cfg.dataset.packing = False
-        why = "generates and scores whole answers" if cfg.stage.name == "ppo" else "compares whole answers pair by pair"
-        notes.append(f"stage={cfg.stage.name} {why}, so rows are not packed (dataset.packing=false)")
+        notes.append(f"stage={cfg.stage.name} {cfg.stage.whole_rows}, so rows are not packed (dataset.packing=false)")
     return notes
 
 
@@ -103,6 +91,8 @@ def _check_model(cfg: FtuneConfig, problems: list[str]) -> None:
 
 
 def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
+    if cfg.method.name != type(cfg.method).name:  # method.name=… typed over another method's schema
+        _choice(problems, "method.name", cfg.method.name, [type(cfg.method).name])
     problems += cfg.method.problems(cfg)  # each method's own rules, in its module
 
 
@@ -119,9 +109,9 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():
             problems.append(f"{key}.path: file {path} does not exist")
-        allowed = STAGE_FORMATS.get(cfg.stage.name, formats)
+        allowed = cfg.stage.formats
         if src.format in formats and src.format not in allowed:
-            users = [stage for stage, fmts in STAGE_FORMATS.items() if src.format in fmts]
+            users = [name for name, stage in sorted(schemas("stage").items()) if src.format in stage.formats]
             problems.append(f"{key}.format={src.format} does not fit stage={cfg.stage.name}: it takes "
                             f"{' or '.join(f'format={a}' for a in allowed)}; format={src.format} is for "
                             f"{' or '.join(f'stage={u}' for u in users)}")
@@ -143,29 +133,9 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
 
 
 def _check_stage_hardware(cfg: FtuneConfig, problems: list[str]) -> None:
-    _choice(problems, "stage.name", cfg.stage.name, sorted(STAGE_OBJECTIVES))
-    _choice(problems, "stage.objective", cfg.stage.objective, STAGE_OBJECTIVES.get(cfg.stage.name, ("causal_lm",)))
-    if cfg.stage.name == "dpo":
-        stage = cfg.stage
-        _choice(problems, "stage.loss", stage.loss, DPO_LOSSES)
-        _positive(problems, "stage.beta", stage.beta)
-        if stage.loss == "cdpo" and not 0 < stage.label_smoothing < 0.5:
-            problems.append(f"stage.label_smoothing must be in (0, 0.5) for stage.loss=cdpo (got {stage.label_smoothing})")
-        if stage.loss not in ("simpo", "orpo") and not cfg.method.adapter_reference and not stage.reference:
-            problems.append(f"stage.loss={stage.loss} needs a reference model: with method={cfg.method.name} there is "
-                            "no adapter to disable; set stage.reference=<model path or run dir>, use an adapter "
-                            "method (lora, …), or stage.loss=simpo|orpo")
-        for i, src in enumerate(cfg.dataset.sources):
-            if (stage.loss == "kto") != (src.format == "feedback"):
-                problems.append(f"dataset.sources[{i}].format={src.format}: stage.loss=kto takes format=feedback "
-                                "(prompt, completion, label), the other DPO losses take format=preference")
-        if stage.loss == "kto":
-            _positive(problems, "stage.kto_desirable_weight", stage.kto_desirable_weight)
-            _positive(problems, "stage.kto_undesirable_weight", stage.kto_undesirable_weight)
-    if cfg.stage.name == "rm" and cfg.stage.margin < 0:
-        problems.append(f"stage.margin must be >= 0 (got {cfg.stage.margin})")
-    if cfg.stage.name == "ppo":
-        _check_ppo(cfg, problems)
+    if cfg.stage.name != type(cfg.stage).name:  # stage.name=… typed over another stage's schema
+        _choice(problems, "stage.name", cfg.stage.name, [type(cfg.stage).name])
+    problems += cfg.stage.problems(cfg)  # each stage's own rules, in its module
     hw = cfg.hardware
     _choice(problems, "hardware.device", hw.device, ("auto", "cpu", "cuda"))
     _choice(problems, "hardware.precision", hw.precision, PRECISIONS)
@@ -204,50 +174,13 @@ def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
     if hw.device == "cpu" and hw.liger:
         problems.append("hardware.liger=true needs CUDA (Liger kernels are Triton kernels); set it false on CPU")
     if world_size(cfg) > 1:
-        if cfg.stage.name == "ppo":
-            problems.append("stage=ppo runs in one process in this release (one process generates the rollouts); "
-                            "use hardware=single-gpu or hardware=cpu")
+        if cfg.stage.one_process:
+            problems.append(f"stage={cfg.stage.name} {cfg.stage.one_process}")
         if cfg.method.one_process:
             problems.append(f"method={cfg.method.name} {cfg.method.one_process}")
         if hw.strategy in ("fsdp", "deepspeed") and cfg.model.quantization != "none":
             problems.append(f"model.quantization={cfg.model.quantization} (qlora) with strategy={hw.strategy} is not "
                             "supported in this release; use strategy=ddp for QLoRA on several GPUs")
-
-
-def _check_ppo(cfg: FtuneConfig, problems: list[str]) -> None:
-    import re
-
-    st = cfg.stage
-    if not st.reward.startswith("python:"):
-        _choice(problems, "stage.reward", st.reward, [*PPO_REWARDS, "python:<file.py or module>:<function>"])
-    elif st.reward.count(":") < 2:
-        problems.append(f"stage.reward={st.reward}: write python:<file.py or module>:<function>, "
-                        "e.g. python:rewards.py:score")
-    if st.reward == "model":
-        if not st.reward_model:
-            problems.append("stage.reward=model needs stage.reward_model: the run directory of a stage=rm run "
-                            "(or pick a rule reward: stage.reward=length|regex|reference|python:…)")
-        elif not (Path(st.reward_model) / "config.yaml").is_file():
-            problems.append(f"stage.reward_model: {st.reward_model} is not a run directory (no config.yaml); give "
-                            "the output folder of `ftune train recipe=smollm2-rm`")
-    if st.reward == "regex":
-        try:
-            re.compile(st.reward_pattern or "(")
-        except re.error as exc:
-            problems.append(f"stage.reward_pattern is not a valid regular expression ({exc}); e.g. '\\d+'")
-    if not cfg.method.adapter_reference:
-        problems.append(f"stage=ppo needs a reference model for its KL penalty: with method={cfg.method.name} "
-                        "there is no adapter to disable; use an adapter method (lora, qlora, …)")
-    for key in ("max_new_tokens", "ppo_epochs", "mini_batches", "reward_target_length", "kl_horizon"):
-        _positive(problems, f"stage.{key}", getattr(st, key))
-    for key in ("temperature", "cliprange", "cliprange_value", "target_kl"):
-        _positive(problems, f"stage.{key}", getattr(st, key))
-    for key in ("kl_coef", "vf_coef", "score_clip", "missing_eos_penalty", "top_k"):
-        _positive(problems, f"stage.{key}", getattr(st, key), allow_zero=True)
-    if not 0 < st.top_p <= 1:
-        problems.append(f"stage.top_p must be in (0, 1] (got {st.top_p})")
-    if not 0 <= st.lam <= 1 or not 0 <= st.gamma <= 1:
-        problems.append(f"stage.gamma and stage.lam must be in [0, 1] (got {st.gamma}, {st.lam})")
 
 
 def _check_train(cfg: FtuneConfig, problems: list[str]) -> None:

@@ -181,10 +181,15 @@ def load_saved(path: Path) -> FtuneConfig:
     """Read a run directory's config.yaml back into a typed config (no recipe lookup)."""
     schema = OmegaConf.structured(FtuneConfig)
     data = OmegaConf.load(path)
+    if "objective" in data.get("stage", {}):  # written by ftune before stages named their own objective
+        del data.stage["objective"]
     known = all_schemas()
     method_schema = known["method"].get(str(data.method.name))
     if method_schema is None:
         raise unknown_name_error("method", str(data.method.name), known["method"], key=f"{path}: method.name")
     schema.method = OmegaConf.structured(method_schema)
-    schema.stage = OmegaConf.structured(known["stage"].get(str(data.stage.name), known["stage"]["stage"]))
+    stage_schema = known["stage"].get(str(data.stage.name))
+    if stage_schema is None:
+        raise unknown_name_error("stage", str(data.stage.name), known["stage"], key=f"{path}: stage.name")
+    schema.stage = OmegaConf.structured(stage_schema)
     return OmegaConf.to_object(OmegaConf.merge(schema, data))

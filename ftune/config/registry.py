@@ -2,7 +2,8 @@
 
 A method registers its schema (a MethodConfig subclass) from its own module in ftune.methods, so
 that module is the one place of the method; a data format registers its name and canonical fields
-from ftune.data.formats. The config layer sits below the methods and never
+from ftune.data.formats; a stage registers its schema from its module in
+ftune.train.objectives. The config layer sits below the methods and never
 imports them by name: `discover()` imports the plugin packages, whose modules register themselves
 as they load (the way installed plugins are found by name through entry points).
 """
@@ -13,8 +14,8 @@ import importlib
 from typing import Any
 
 # Packages whose modules register schemas when imported.
-PLUGIN_PACKAGES = ("ftune.methods", "ftune.data.formats")
-_SCHEMAS: dict[str, dict[str, Any]] = {"method": {}, "format": {}}
+PLUGIN_PACKAGES = ("ftune.methods", "ftune.train.objectives", "ftune.data.formats")
+_SCHEMAS: dict[str, dict[str, Any]] = {"method": {}, "stage": {}, "format": {}}
 _discovered = False
 
 

@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from ftune.config.methods_schema import MethodConfig  # noqa: F401 (the method group's base)
 from ftune.config.registry import schemas
+from ftune.config.stage_schema import StageConfig
 
 
 # ----------------------------------------------------------------------------- model
@@ -117,129 +118,6 @@ class DatasetConfig:
 
 
 # ----------------------------------------------------------------------------- stage
-@dataclass
-class StageConfig:
-    """The training objective: pt and sft (causal_lm); dpo, rm and ppo have their own schemas."""
-
-    name: str = MISSING
-    """pt (continue-pretraining on raw text) | sft (supervised fine-tuning on prompts/answers) |
-    dpo | rm | ppo."""
-    objective: str = "causal_lm"
-    """Registry name of the loss (causal_lm: token-level cross-entropy on the labelled tokens)."""
-
-
-@dataclass
-class DpoStageConfig(StageConfig):
-    """Preference optimisation on prompt/chosen/rejected pairs (the DPO family)."""
-
-    name: str = "dpo"
-    objective: str = "dpo"
-    loss: str = "sigmoid"
-    """sigmoid (DPO, Rafailov et al. 2023) | cdpo (DPO with label_smoothing, conservative DPO) |
-    ipo (Azar et al. 2023) | simpo (reference-free, length-normalised, Meng et al. 2024) |
-    orpo (SFT loss + odds-ratio term, reference-free, Hong et al. 2024) |
-    kto (unpaired desirable/undesirable answers, dataset format feedback, Ethayarajh et al. 2024)."""
-    beta: float = 0.1
-    """Strength of the implicit KL constraint (DPO, IPO's 1/(2 beta) target) or reward scale (SimPO)."""
-    label_smoothing: float = 0.0
-    """cdpo: assumed probability that a preference label is flipped (0 < eps < 0.5)."""
-    simpo_gamma_ratio: float = 0.5
-    """SimPO target margin gamma as a fraction of beta."""
-    orpo_lambda: float = 0.1
-    """ORPO weight of the odds-ratio term beside the SFT loss."""
-    kto_desirable_weight: float = 1.0
-    """KTO weight lambda_D of desirable answers (raise it when they are rarer than undesirable ones)."""
-    kto_undesirable_weight: float = 1.0
-    """KTO weight lambda_U of undesirable answers."""
-    reference: Optional[str] = None
-    """A separate reference model (hub id, folder, .gguf or run directory), e.g. for method=full.
-    Its log-probs are computed once before training and the model is freed again. Unset: the
-    trained model with its adapter disabled."""
-    precompute_reference: bool = False
-    """Compute the reference log-probs of every sample once before training (one extra pass over
-    the data instead of one extra forward per step)."""
-
-
-@dataclass
-class RewardStageConfig(StageConfig):
-    """Reward model on prompt/chosen/rejected pairs: a scalar head read at the last token."""
-
-    name: str = "rm"
-    objective: str = "pairwise"
-    margin: float = 0.0
-    """Required score gap: loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin)."""
-    center_rewards_coef: float = 0.0
-    """Adds coef x (r_chosen + r_rejected)^2 so scores stay centred near 0 (0: off)."""
-
-
-@dataclass
-class PpoStageConfig(StageConfig):
-    """RLHF with PPO (InstructGPT stage 3): generate, score, KL-penalise against the reference,
-    estimate advantages with a value head and GAE, then clipped policy and value updates."""
-
-    name: str = "ppo"
-    objective: str = "ppo"
-    reward: str = "model"
-    """model (the reward model of a stage=rm run, see reward_model) | length (closeness to
-    reward_target_length words) | regex (1 when reward_pattern matches the answer, else 0) |
-    reference (1 when the dataset's reference answer appears in the answer) |
-    python:<file.py or module>:<function> (your function(prompt, response, reference) -> float)."""
-    reward_model: Optional[str] = None
-    """Run directory of a stage=rm run (reward=model)."""
-    reward_pattern: str = ""
-    """reward=regex: a Python regular expression searched in the answer."""
-    reward_target_length: int = 32
-    """reward=length: the answer length (words) that scores 1; the reward falls linearly to 0 at
-    twice or zero that length."""
-    max_new_tokens: int = 48
-    """Longest generated answer per rollout."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
-    top_k: int = 0
-    """Sample from the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1: off)."""
-    ppo_epochs: int = 2
-    """Passes over each rollout batch; each pass is `mini_batches` optimiser steps."""
-    mini_batches: int = 1
-    """Optimiser steps per pass. A rollout has micro_batch_size x grad_accum x mini_batches answers."""
-    kl_coef: float = 0.05
-    """Weight of the per-token KL penalty log pi(y|x) - log pi_ref(y|x) in the reward."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
-    target_kl: float = 6.0
-    """adaptive_kl: the KL per answer (nats) the controller aims for."""
-    kl_horizon: int = 10000
-    """adaptive_kl: how fast the coefficient moves (answers per full correction)."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """Lambda of GAE (bias/variance of the advantage estimate)."""
-    cliprange: float = 0.2
-    """Clip of the policy probability ratio."""
-    cliprange_value: float = 0.2
-    """Clip of the value prediction around its rollout value."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
-    value_lr_ratio: float = 1.0
-    """Learning rate of the value head as a multiple of train.lr. Keep it near 1 with AdamW:
-    measured, 100 (2e-2) made the linear head's predictions swing by several reward units per
-    step, and the advantages became noise."""
-    critic_warmup: int = 0
-    """Rollouts at the start that train only the value head (the policy waits until the critic
-    gives per-prompt baselines; a reward model's scores differ a lot between kinds of prompts)."""
-    value_shares_trunk: bool = False
-    """false: the value head reads the policy's hidden states without sending gradients back, so the
-    value loss never moves the policy (measured: with a shared trunk, the early value error's
-    gradient dominates and lowers the reward). true: the value loss also trains the adapter."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over each rollout batch."""
-    score_clip: float = 0.0
-    """Clip scores to [-score_clip, score_clip] (0: no clipping)."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the score of an answer that hits max_new_tokens without ending."""
-
-
 # ----------------------------------------------------------------------------- hardware
 @dataclass
 class HardwareConfig:
@@ -385,16 +263,15 @@ class FtuneConfig:
 
 
 # Group -> {choice schema name -> dataclass} of the groups with a fixed set of schemas; the method
-# group's come from ftune.config.registry (each method module registers its own).
+# and stage groups' come from ftune.config.registry (each method and stage module registers its own).
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"model": ModelConfig},
     "dataset": {"dataset": DatasetConfig},
-    "stage": {"stage": StageConfig, "dpo": DpoStageConfig, "rm": RewardStageConfig, "ppo": PpoStageConfig},
     "hardware": {"hardware": HardwareConfig},
 }
 
 
 def all_schemas() -> dict[str, dict[str, type]]:
     """Every group's schemas, the registered methods' included."""
-    return {**SCHEMAS, "method": schemas("method")}
+    return {**SCHEMAS, "method": schemas("method"), "stage": schemas("stage")}
 

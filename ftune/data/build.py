@@ -98,10 +98,11 @@ def cache_key(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any, stage: str = "sft"
+def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any, prompts_only: bool = False
                      ) -> tuple[list[dict], TokenStats]:
+    """prompts_only: the stage generates the answers, so rows are tokenised as prompts (PPO)."""
     template = templates.load_template(cfg.template)
-    if stage == "ppo":
+    if prompts_only:
         return tokenize_prompts(records, template, cfg, tokenizer)
     if records and "chosen" in records[0]:
         return tokenize_pairs(records, template, cfg, tokenizer)
@@ -188,8 +189,10 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True) -> DataBundle:
-    """Tokenised samples for training and evaluation (from the cache when nothing changed)."""
+def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True,
+          prompts_only: bool = False) -> DataBundle:
+    """Tokenised samples for training and evaluation (from the cache when nothing changed); `stage`
+    names the stage in the cache key, prompts_only is its schema's fact (see tokenize_records)."""
     key = cache_key(cfg, stage, seed, tokenizer)
     path = resources.cache_dir() / "data" / f"{cfg.name}-{key}.json"
     if use_cache and path.is_file():
@@ -203,8 +206,8 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
                          "Set dataset.packing=false, or use a tokenizer with an eos_token (tokenizer_config.json).")
     bad = BadRows(skip=cfg.on_bad_row == "skip")
     train_records, eval_records = split_records(cfg, seed, bad)
-    train, train_stats = tokenize_records(train_records, cfg, tokenizer, stage)
-    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, stage)
+    train, train_stats = tokenize_records(train_records, cfg, tokenizer, prompts_only)
+    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, prompts_only)
     if not train:
         raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
                          [f"{train_stats.dropped_no_target} samples had no assistant tokens within "

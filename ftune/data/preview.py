@@ -25,7 +25,7 @@ def colour_sample(sample: dict, tokenizer: Any) -> Text:
 def preview(cfg: FtuneConfig, n: int, console: Console) -> None:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
     train, _ = split_records(cfg.dataset, cfg.train.seed)
-    samples, stats = tokenize_records(train[:n], cfg.dataset, tokenizer, cfg.stage.name)
+    samples, stats = tokenize_records(train[:n], cfg.dataset, tokenizer, cfg.stage.prompts_only)
     console.print(f"dataset={cfg.dataset.name} template={cfg.dataset.template} train_on={cfg.dataset.train_on} "
                   f"max_seq_len={cfg.dataset.max_seq_len}   [bold green]trained[/] / [dim]masked[/]")
     for i, sample in enumerate(samples):

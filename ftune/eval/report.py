@@ -234,7 +234,7 @@ def evaluate(run: str | None = None, model: str | None = None, overrides: list[s
 
         reward = rewards.build(cfg.stage, device, cfg.hardware.precision)
     trained_model, tokenizer = load_subject(sub, device)
-    data = build_data(cfg.dataset, stage, cfg.train.seed, tokenizer) if stage != "ppo" else None
+    data = build_data(cfg.dataset, stage, cfg.train.seed, tokenizer) if not cfg.stage.prompts_only else None
     report: dict[str, Any] = {"subject": sub.label, "stage": stage, "method": cfg.method.name if sub.run_dir else None,
                               "held_out_rows": len(data.eval) if data else len(prompts),
                               "trained": measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)}

@@ -1,7 +1,11 @@
-"""`ftune train`, top to bottom: setup in dependency order, then the loop, then the outputs.
+"""`ftune train`, top to bottom: start, load the inputs, build the parts, fit, finish.
 
-    config -> run dir -> device/precision -> model + tokenizer -> data -> method -> optimiser
-    -> resume -> held-out loss before -> fit -> held-out loss after -> save -> sample answer
+    start: seed, device, accelerator, run dir -> inputs: model + tokenizer, data
+    -> parts: method, compile, the stage's preparation and head, optimiser -> held-out loss before
+    -> fit -> held-out loss after -> save -> sample answer -> summary
+
+No stage or method is named here: what differs between them comes from their specs
+(ftune.train.objectives.StageSpec, ftune.methods.MethodSpec) and their schemas' facts.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -36,6 +40,7 @@ from ftune.train import checkpoint, checkpointing, compiled, distributed, object
 from ftune.train.heads import WithScalarHead, save_head, unwrap_head
 from ftune.train.metrics import MetricsLog, plot_loss
 from ftune.train.optim import build_optimizer, build_scheduler
+from ftune.train.rundir import fresh_run_dir, resolve_run_dir, resume_command  # noqa: F401 (fresh_run_dir: tests)
 from ftune.train.trainer import FitState, LoopParts, evaluate_held_out, fit, save_checkpoint, total_steps
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -47,69 +52,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_run_dir(cfg: FtuneConfig) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from or None)."""
-    resume = cfg.train.resume
-    if resume.lower() in ("false", "no", "0", ""):
-        return fresh_run_dir(cfg), None
-    base = Path(cfg.train.output_dir) / cfg.train.run_name if resume.lower() == "true" else Path(resume)
-    if not base.exists():
-        raise FtuneError(f"train.resume: {base} does not exist", hint="Give the run directory of an earlier run.")
-    ckpt = checkpoint.find(base)
-    same_recipe(cfg, ckpt.parent.parent)
-    return ckpt.parent.parent, ckpt
-
-
-def fresh_run_dir(cfg: FtuneConfig) -> Path:
-    """A new run's directory. An existing one is never written into unless train.overwrite
-    (then it is replaced once the model and data have loaded); an automatic name that collides
-    gets a -2, -3 ... suffix."""
-    root = Path(cfg.train.output_dir)
-    if not cfg.train.run_name:
-        name = f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path, n = root / name, 1
-        while path.exists():
-            n += 1
-            path = root / f"{name}-{n}"
-        return path
-    path = root / cfg.train.run_name
-    if path.exists() and any(path.iterdir()) and not cfg.train.overwrite:
-        raise FtuneError(f"train.run_name={cfg.train.run_name}: {path} already holds a run",
-                         hint="Resume it with train.resume=true, pick another train.run_name, or replace it "
-                              "with `ftune train --overwrite ...`.")
-    return path
-
-
-# What must match for a checkpoint to continue under the current config.
-RESUME_KEYS = ("model.path", "method.name", "stage.name")
-
-
-def same_recipe(cfg: FtuneConfig, run_dir: Path) -> None:
-    """Refuse to resume a run directory written by another recipe (other model, method or stage)."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    import yaml
-
-    # Plain YAML, not the typed loader of models/runs: only a few keys are compared, and a
-    # config.yaml written by an older ftune (keys since renamed or added) must still resume.
-    try:
-        saved = yaml.safe_load(saved_file.read_text()) or {}
-    except yaml.YAMLError:
-        raise FtuneError(f"train.resume: {saved_file} is not readable YAML",
-                         hint="Restore the run's config.yaml, or start a new run.") from None
-    current = OmegaConf.to_container(OmegaConf.structured(cfg))
-    differ = []
-    for key in RESUME_KEYS:
-        group, field_name = key.split(".")
-        was, now = (saved.get(group) or {}).get(field_name), current[group][field_name]
-        if was is not None and was != now:
-            differ.append(f"{key}: the run has {was}, this command {now}")
-    if differ:
-        raise FtuneError(f"train.resume: {run_dir} was written by another recipe", differ,
-                         f"Resume with the run's own command (see {run_dir / 'command.txt'}), or start a new run.")
 
 
 def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
@@ -135,20 +77,9 @@ def make_accelerator(cfg: FtuneConfig, device: torch.device) -> Any:
 
 
 def run_steps(cfg: FtuneConfig, n_samples: int) -> int:
-    """Optimiser steps of the run. PPO: each rollout of micro_batch_size x grad_accum x mini_batches
-    prompts is trained for ppo_epochs x mini_batches steps."""
-    if cfg.stage.name != "ppo" or cfg.train.max_steps > 0:
-        return total_steps(cfg.train, n_samples)
-    per_rollout = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.stage.mini_batches
-    rollouts = max(1, math.ceil(cfg.train.epochs * math.ceil(n_samples / per_rollout)))
-    return rollouts * cfg.stage.ppo_epochs * cfg.stage.mini_batches
-
-
-def lr_scale_for(cfg: FtuneConfig, hooks: Any) -> Any:
-    """The method's per-parameter learning-rate scale, and PPO's larger one for its value head."""
-    if cfg.stage.name != "ppo":
-        return hooks.lr_scale
-    return lambda name: cfg.stage.value_lr_ratio if name.startswith("head.") else hooks.lr_scale(name)
+    """Optimiser steps of the run: the stage's own count (PPO: per rollout), else the dataset's."""
+    steps = objectives.spec_of(cfg.stage).steps
+    return steps(cfg, n_samples) if steps is not None else total_steps(cfg.train, n_samples)
 
 
 def progress_bar(console: Console) -> Progress:
@@ -170,10 +101,39 @@ def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[d
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def train(composed: Composed, console: Console | None = None, stop_after: int | None = None) -> dict:
-    """Run one training job; returns the summary also written to <run>/summary.json."""
-    cfg = composed.cfg
-    main = distributed.is_main()  # several processes: rank 0 alone prints and writes files
+@dataclass
+class Run:
+    """What every phase of a run shares."""
+
+    composed: Composed
+    console: Console
+    main: bool
+    """Rank 0, which alone prints and writes files."""
+    device: torch.device
+    accelerator: Any
+    run_dir: Path
+    resume_from: Path | None
+    wall_start: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cfg(self) -> FtuneConfig:
+        return self.composed.cfg
+
+
+def _from_rank0(values: list) -> list:
+    """Rank 0's values on every process (one decision for all)."""
+    if distributed.world() == 1:
+        return values
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(values, from_process=0)
+
+
+def start(composed: Composed, console: Console | None) -> Run:
+    """Seed, device and accelerator; the run directory, decided by rank 0 before anything loads
+    (a refused one costs no loading)."""
+    cfg, main = composed.cfg, distributed.is_main()
     console = console or Console()
     if not main:
         console = Console(quiet=True)
@@ -181,43 +141,47 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     seed_everything(cfg.train.seed)
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
-
-    device = runtime.pick_device(cfg)
-    accelerator = make_accelerator(cfg, device)
-    device = accelerator.device  # several GPUs: this process's own
-    # The run directory is decided first (a refused one costs no loading), by rank 0 for all.
-    run_dir, resume_from = resolve_run_dir(cfg) if main else (None, None)
-    if distributed.world() > 1:
-        from accelerate.utils import broadcast_object_list
-
-        run_dir, resume_from = broadcast_object_list([run_dir, resume_from], from_process=0)
+    accelerator = make_accelerator(cfg, runtime.pick_device(cfg))
+    run_dir, resume_from = _from_rank0(list(resolve_run_dir(cfg) if main else (None, None)))
     for warning in checkpoint.SKIPPED:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"[bold]ftune train[/] recipe={cfg.recipe}  model={cfg.model.name}  method={cfg.method.name}  "
-                  f"stage={cfg.stage.name}  device={device.type}  precision={cfg.hardware.precision}")
+                  f"stage={cfg.stage.name}  device={accelerator.device.type}  precision={cfg.hardware.precision}")
     console.print(f"run directory: {run_dir}")
+    return Run(composed, console, main, accelerator.device, accelerator, run_dir, resume_from, wall_start)
 
-    # Model before data: the tokenizer decides the tokens. Data before the method: a data error
-    # should not cost the time of building adapters.
-    recompute, recompute_note = checkpointing.layers_for_run(cfg) if main else (0, None)
-    if distributed.world() > 1:  # auto reads rank 0's free memory: one decision for all
-        from accelerate.utils import broadcast_object_list
 
-        recompute, recompute_note = broadcast_object_list([recompute, recompute_note], from_process=0)
+def load_inputs(run: Run) -> tuple[Any, Any, Any, int]:
+    """(model, tokenizer, data, decoder layers to recompute). Model before data: the tokenizer
+    decides the tokens. Data before the method: a data error should not cost the time of building
+    adapters. The run directory is created only once both have loaded, so a model or data error
+    leaves no half-made run directory behind."""
+    cfg, console = run.cfg, run.console
+    # auto reads rank 0's free memory before the model is loaded: one decision for all processes
+    recompute, note = _from_rank0(list(checkpointing.layers_for_run(cfg) if run.main else (0, None)))
+    run.notes += [note] if note else []
     with console.status("loading model"):
-        model, tokenizer = load_model(cfg, device)
-    with console.status("tokenising data"), accelerator.main_process_first():  # rank 0 fills the cache
-        data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
-    if main:  # created only now: a model or data error leaves no half-made run directory behind
-        if resume_from is None and cfg.train.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)  # --overwrite: the old run goes only once the new one has loaded
-        run_dir.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_model(cfg, run.device)
+    with console.status("tokenising data"), run.accelerator.main_process_first():  # rank 0 fills the cache
+        data = build_data(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer, prompts_only=cfg.stage.prompts_only)
+    if run.main:
+        if run.resume_from is None and cfg.train.overwrite and run.run_dir.exists():
+            shutil.rmtree(run.run_dir)  # --overwrite: the old run goes only once the new one has loaded
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         # Secrets from the environment (e.g. via ${oc.env:...}) are never written to the run directory.
-        (run_dir / "config.yaml").write_text(safety.redact(composed.to_yaml()))
-        (run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(composed.overrides)) + "\n")
-        (run_dir / "data_stats.json").write_text(safety.redact(json.dumps(data.stats, indent=2)))
+        (run.run_dir / "config.yaml").write_text(safety.redact(run.composed.to_yaml()))
+        (run.run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(run.composed.overrides)) + "\n")
+        (run.run_dir / "data_stats.json").write_text(safety.redact(json.dumps(data.stats, indent=2)))
     _report_data(console, data.stats, cfg)
+    return model, tokenizer, data, recompute
 
+
+def build_parts(run: Run, model: Any, tokenizer: Any, data: Any, recompute: int) -> tuple[LoopParts, dict]:
+    """The trained model (method, recomputation, kernels, the stage's preparation and head), its
+    optimiser and scheduler, prepared by Accelerate; returns the loop's parts and facts for the
+    summary (base path, steps, trainable count, recomputed layers)."""
+    cfg, console, device = run.cfg, run.console, run.device
+    stage = objectives.spec_of(cfg.stage)
     checkpointing.enable(model, recompute)
     steps = run_steps(cfg, len(data.train))
     use_compile, compile_note = runtime.compiles(cfg.hardware, steps, device)
@@ -228,7 +192,6 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     setup = Setup(total_steps=steps, model_path=base_path, checkpointed_layers=recompute)
     model = apply_method(model, cfg, setup)
     recompute = checkpointing.restrict(model, recompute)  # after the method: peft/qlora may enable all
-    setup.notes += [recompute_note] if recompute_note else []
     if cfg.hardware.precision in ("bf16", "fp16"):  # autocast casts adapter inputs itself
         keep_activation_dtype(model)
     if cfg.hardware.fused_ops:
@@ -236,102 +199,119 @@ def train(composed: Composed, console: Console | None = None, stop_after: int | 
     if use_compile:
         compiled.compile_layers(model, strict=runtime.tristate(cfg.hardware.compile) == "true")
         setup.notes += [compile_note] if compile_note else []
-    if cfg.stage.name == "dpo":
-        from ftune.train.objectives.dpo import prepare_reference
-
-        with console.status("reference log-probs"):
-            note = prepare_reference(cfg, model, data, tokenizer.pad_token_id, device, accelerator)
+    if stage.prepare is not None:  # e.g. DPO's reference log-probs, computed once
+        with console.status(f"preparing stage={cfg.stage.name}"):
+            note = stage.prepare(cfg, model, data, tokenizer.pad_token_id, device, run.accelerator)
         setup.notes += [note] if note else []
     objective = objectives.get(cfg.stage, cfg.dataset, model)
-    if objective.wrap_model is not None:  # rm: a reward head; ppo: a value head (trained too)
+    if objective.wrap_model is not None:  # the stage's scalar head (rm: reward; ppo: value), trained too
         model = objective.wrap_model(model)
-    for note in [*composed.notes, *setup.notes]:
+    for note in [*run.composed.notes, *run.notes, *setup.notes]:
         console.print(f"[yellow]note:[/] {note}")
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     hooks = hooks_for(cfg)
+    lr_scale = stage.lr_scale(cfg, hooks.lr_scale) if stage.lr_scale is not None else hooks.lr_scale
     if cfg.hardware.strategy == "fsdp" and distributed.world() > 1:
         # FSDP2 shards before the optimiser exists, so the optimiser holds the shards.
         model = distributed.shard_fsdp(model, cfg.hardware, device)
-        optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
+        optimizer = build_optimizer(model, cfg.train, lr_scale)
         scheduler = build_scheduler(optimizer, cfg.train, steps)
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        optimizer, scheduler = run.accelerator.prepare(optimizer, scheduler)
     else:
-        optimizer = build_optimizer(model, cfg.train, lr_scale_for(cfg, hooks))
+        optimizer = build_optimizer(model, cfg.train, lr_scale)
         scheduler = build_scheduler(optimizer, cfg.train, steps)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    parts = LoopParts(model, objective, optimizer, scheduler, accelerator, data.train, data.eval,
-                      tokenizer.pad_token_id, run_dir, hooks, cfg=cfg, tokenizer=tokenizer, steps=steps)
+        model, optimizer, scheduler = run.accelerator.prepare(model, optimizer, scheduler)
+    parts = LoopParts(model, objective, optimizer, scheduler, run.accelerator, data.train, data.eval,
+                      tokenizer.pad_token_id, run.run_dir, hooks, cfg=cfg, tokenizer=tokenizer, steps=steps)
+    return parts, {"base_path": base_path, "trainable": trainable, "recompute": recompute}
 
+
+def begin(run: Run, parts: LoopParts) -> tuple[FitState, MetricsLog]:
+    """The state the loop starts from: a checkpoint's, or a fresh one after the held-out loss."""
+    cfg, console = run.cfg, run.console
     state = FitState()
-    if resume_from is not None:
-        saved = checkpoint.load(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
-                                cfg.model.allow_pickle)
+    if run.resume_from is not None:
+        saved = checkpoint.load(run.resume_from, run.accelerator.unwrap_model(parts.model), parts.optimizer,
+                                parts.scheduler, cfg.model.allow_pickle)
         state = FitState(**{k: saved[k] for k in vars(state) if k in saved})
-        console.print(f"resumed from {resume_from} at step {state.step}")
+        console.print(f"resumed from {run.resume_from} at step {state.step}")
     else:
         state.eval_before, state.eval_metrics_before = evaluate_held_out(parts, cfg.train.micro_batch_size)
         console.print(f"held-out loss before training: {state.eval_before:.4f}{_fmt(state.eval_metrics_before)}")
-    log = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step, enabled=main)
-    if resume_from is None:
+    log = MetricsLog(run.run_dir, cfg.train.tensorboard, resume_step=state.step, enabled=run.main)
+    if run.resume_from is None:
         log.write({"step": 0, "eval_loss": state.eval_before})
+    return state, log
 
+
+def train(composed: Composed, console: Console | None = None, stop_after: int | None = None) -> dict:
+    """Run one training job; returns the summary also written to <run>/summary.json."""
+    run = start(composed, console)
+    model, tokenizer, data, recompute = load_inputs(run)
+    parts, facts = build_parts(run, model, tokenizer, data, recompute)
+    state, log = begin(run, parts)
+    cfg, steps = run.cfg, parts.steps
     unit = "packed rows" if cfg.dataset.packing else "samples"
-    console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} {unit}")
-    with progress_bar(console) as progress:
+    run.console.print(f"training {steps} steps x {cfg.train.grad_accum} x {cfg.train.micro_batch_size} {unit}")
+    with progress_bar(run.console) as progress:
         try:
             state = fit(parts, cfg.train, state, log, progress, stop_after=stop_after)
         except stopping.StopRequested as stop:
             log.close()
-            command = resume_command(composed, run_dir)
-            console.print(f"[yellow]stopped on {stop.signal_name}[/] after step {stop.step}: checkpoint written.")
-            console.print(f"resume with: {command}", soft_wrap=True, markup=False, highlight=False)  # one line, copyable
-            return {"stopped_at": stop.step, "signal": stop.signal_name, "run_dir": str(run_dir), "resume": command}
+            command = resume_command(composed, run.run_dir)
+            run.console.print(f"[yellow]stopped on {stop.signal_name}[/] after step {stop.step}: checkpoint written.")
+            run.console.print(f"resume with: {command}", soft_wrap=True, markup=False, highlight=False)  # one line
+            return {"stopped_at": stop.step, "signal": stop.signal_name, "run_dir": str(run.run_dir), "resume": command}
     if state.step < steps:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
         save_checkpoint(parts, cfg.train, state)
         log.close()
-        return {"stopped_at": state.step, "run_dir": str(run_dir)}
+        return {"stopped_at": state.step, "run_dir": str(run.run_dir)}
+    return finish(run, parts, state, log, data, facts)
 
-    def held_out() -> float:
-        return evaluate_held_out(parts, cfg.train.micro_batch_size)[0]
 
+def finish(run: Run, parts: LoopParts, state: FitState, log: MetricsLog, data: Any, facts: dict) -> dict:
+    """Held-out loss after, the trained output (and the stage's head) saved, the sample answer
+    and the summary."""
+    cfg, tokenizer = run.cfg, parts.tokenizer
     eval_after, eval_metrics_after = evaluate_held_out(parts, cfg.train.micro_batch_size)
     log.write({"step": state.step, "eval_loss": eval_after, **{f"eval_{k}": v for k, v in eval_metrics_after.items()}})
     log.close()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = run.accelerator.unwrap_model(parts.model)
     trained = unwrap_head(unwrapped)
-    method_results = hooks.after_training(trained, held_out)
+    method_results = parts.hooks.after_training(trained, lambda: evaluate_held_out(parts, cfg.train.micro_batch_size)[0])
     # Whole tensors (sharded ones gathered by every process), written by rank 0.
     sharded = distributed.is_sharded(unwrapped)
     state_dict = distributed.full_state(trained, trainable_only=not cfg.method.saves_full_model) if sharded else None
-    head_state = distributed.full_state(unwrapped.head) if sharded and isinstance(unwrapped, WithScalarHead) else None
-    saved_to = run_dir / cfg.method.output_name()
-    if main:
-        saved_to = save_trained(trained, tokenizer, cfg.method, base_path, saved_to, state_dict)
-        if isinstance(unwrapped, WithScalarHead):  # the reward head (rm) or value head (ppo) beside the adapter
-            save_head(unwrapped.head, saved_to, kind="reward" if cfg.stage.name == "rm" else "value", state=head_state)
-        plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    head = unwrapped.head if isinstance(unwrapped, WithScalarHead) else None
+    head_state = distributed.full_state(head) if sharded and head is not None else None
+    saved_to = run.run_dir / cfg.method.output_name()
+    if run.main:
+        saved_to = save_trained(trained, tokenizer, cfg.method, facts["base_path"], saved_to, state_dict)
+        if head is not None:  # the stage's head (reward or value) beside the trained output
+            save_head(head, saved_to, kind=objectives.spec_of(cfg.stage).head, state=head_state)
+        plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     summary = {
-        "run_dir": str(run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
+        "run_dir": str(run.run_dir), "steps": state.step, "eval_loss_before": state.eval_before,
         "eval_loss_after": eval_after, "bad_rows_skipped": (data.stats.get("bad_rows") or {}).get("skipped", 0),
         "train_tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "tokens_per_s_steady": steady_tokens_per_s(state),
-        "wall_seconds": round(time.perf_counter() - wall_start, 1), "saved": str(saved_to),
+        "wall_seconds": round(time.perf_counter() - run.wall_start, 1), "saved": str(saved_to),
         **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
-        "trainable_parameters": trainable, "peak_memory_gib": round(peak_memory_gib(device), 3),
-        "checkpointed_layers": recompute, **method_results,
+        "trainable_parameters": facts["trainable"], "peak_memory_gib": round(peak_memory_gib(run.device), 3),
+        "checkpointed_layers": facts["recompute"], **method_results,
         **({"eval_metrics_before": state.eval_metrics_before, "eval_metrics_after": eval_metrics_after}
            if eval_metrics_after else {}),
     }
     prompts = [[{"role": "user", "content": cfg.dataset.sample_prompt}]] if cfg.dataset.sample_prompt else data.eval_prompts
-    if cfg.train.sample_max_new_tokens and prompts and cfg.stage.name != "rm":  # a reward model scores, it does not answer
+    if cfg.train.sample_max_new_tokens and prompts and cfg.stage.answers:
         summary["sample_prompt"] = prompts[0][-1]["content"]
-        summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], accelerator)
-    if main:
-        (run_dir / "summary.json").write_text(safety.redact(json.dumps(summary, indent=2)))
-    _report_summary(console, summary)
+        summary["sample_answer"] = sample_answer(unwrapped, tokenizer, cfg, prompts[0], run.accelerator)
+    if run.main:
+        (run.run_dir / "summary.json").write_text(safety.redact(json.dumps(summary, indent=2)))
+    _report_summary(run.console, summary)
     return summary
 
 
@@ -342,16 +322,6 @@ def steady_tokens_per_s(state: FitState) -> float | None:
         return None
     tokens, seconds = state.tokens - state.first_step[0], state.train_seconds - state.first_step[1]
     return round(tokens / seconds, 1) if seconds > 0 else None
-
-
-def resume_command(composed: Composed, run_dir: Path) -> str:
-    """The command that continues this run from its newest checkpoint."""
-    import shlex
-
-    kept = [o for o in composed.overrides
-            if not o.startswith(("train.resume=", "train.run_name=", "resume=", "train.overwrite="))]
-    return " ".join(["ftune train", *map(shlex.quote, kept), f"train.run_name={shlex.quote(run_dir.name)}",
-                     "train.resume=true"])
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -371,9 +341,7 @@ def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
     t = stats["train"]
     packed = f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else ""
     console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
-                  f"{stats['eval']['samples']} held-out"
-                  + packed
-                  + (" [from cache]" if stats.get("from_cache") else ""))
+                  f"{stats['eval']['samples']} held-out" + packed + (" [from cache]" if stats.get("from_cache") else ""))
     if t["truncated"]:
         console.print(f"[yellow]warning:[/] {t['truncated']} samples were longer than dataset.max_seq_len="
                       f"{cfg.dataset.max_seq_len} and were truncated")

@@ -1,4 +1,7 @@
-"""Objectives: how a stage turns a batch into a loss. One trainer loop serves every stage.
+"""Stages: each module here registers one StageSpec (its schema, its objective and the hooks it
+needs around the one trainer loop); importing this package registers them all.
+
+An objective is how a stage turns a batch into a loss.
 
 An Objective gives three functions:
 - collate(samples, pad_id) -> batch tensors;
@@ -22,9 +25,11 @@ Optional parts, for stages that need more than a loss:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
+from ftune.config.registry import register_schema
+from ftune.data.collate import collate, collate_padding_free, collate_varlen
 from ftune.registry import Registry
 
 
@@ -39,20 +44,49 @@ class Objective:
     prepare_step: Optional[Callable[[Any, list[dict], Any], None]] = None
 
 
-OBJECTIVES: Registry[Callable[[Any], Objective]] = Registry("objective")
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything the run needs from one stage besides its schema's facts."""
+
+    schema: type
+    """The stage's config dataclass (a StageConfig subclass); its `name` default names the stage."""
+    objective: Callable[[Any], Objective]
+    """Built from the stage config."""
+    prepare: Optional[Callable[..., Optional[str]]] = None
+    """(cfg, model, data, pad id, device, accelerator) -> a note or None: once after the method is
+    applied, before training (DPO: reference log-probs computed up front)."""
+    head: str = ""
+    """The scalar head the stage trains beside the method and saves with it (reward | value; "": none)."""
+    steps: Optional[Callable[[Any, int], int]] = None
+    """(cfg, training samples) -> optimiser steps, when not the dataset's epochs (PPO: per rollout)."""
+    lr_scale: Optional[Callable[[Any, Callable[[str], float]], Callable[[str], float]]] = None
+    """(cfg, the method's per-parameter scale) -> the scale the optimiser uses (PPO: its value head)."""
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+
+STAGES: Registry[StageSpec] = Registry("stage")
+
+
+def register(spec: StageSpec) -> StageSpec:
+    """Make a stage known to the config layer (its schema) and to the run (its spec)."""
+    STAGES.register(spec.name)(spec)
+    register_schema("stage", spec.name, spec.schema)
+    return spec
+
+
+def spec_of(stage: Any) -> StageSpec:
+    return STAGES.get(stage if isinstance(stage, str) else stage.name, key="stage")
 
 
 def get(stage: Any, dataset: Any = None, model: Any = None) -> Objective:
-    """The objective for a stage config (its `objective` names the registry entry); with the
-    dataset config, its batch layout too (dataset.padding_free for token-level objectives), and
-    with the model, the layout its attention kernel needs: flash-attention 2 gets packed or
-    padding-free micro-batches as one row (collate_varlen)."""
-    from dataclasses import replace
-
-    from ftune.data.collate import collate, collate_padding_free, collate_varlen
-    from ftune.train.objectives import causal_lm, dpo, ppo, reward  # noqa: F401  (registration)
-
-    objective = OBJECTIVES.get(stage.objective, key="stage.objective")(stage)
+    """The objective of a stage config; with the dataset config, its batch layout too
+    (dataset.padding_free for token-level objectives), and with the model, the layout its
+    attention kernel needs: flash-attention 2 gets packed or padding-free micro-batches as one row
+    (collate_varlen)."""
+    objective = spec_of(stage).objective(stage)
     if dataset is None or objective.collate is not collate:
         return objective
     rows_share = getattr(dataset, "padding_free", False) or getattr(dataset, "packing", False)
@@ -66,3 +100,7 @@ def get(stage: Any, dataset: Any = None, model: Any = None) -> Objective:
 def attention_of(model: Any) -> str | None:
     """The attention implementation a (possibly adapter-wrapped) transformers model runs."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+# Every stage module, imported so that each registers its spec (and its schema) once.
+from ftune.train.objectives import causal_lm, dpo, ppo, reward  # noqa: E402, F401

@@ -12,16 +12,18 @@ The fp32 logits (100 MB per 512 tokens) are never built.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ftune import runtime
+from ftune.config.stage_schema import StageConfig
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
-from ftune.train.objectives import OBJECTIVES, Objective
+from ftune.train.objectives import Objective, StageSpec, register
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 CHUNK = runtime.HEAD_CHUNK  # the memory estimate (plan) counts the same chunk
@@ -157,4 +159,25 @@ def _full_logits_loss(model: Any, inputs: dict, batch: dict) -> torch.Tensor:
 
 
 CAUSAL_LM = Objective(loss=lambda model, batch: (*causal_lm(model, batch), {}), count=count_targets, collate=collate)
-OBJECTIVES.register("causal_lm")(lambda stage: CAUSAL_LM)
+
+
+@dataclass
+class PtStageConfig(StageConfig):
+    """Continued pretraining: every token of raw text (or of rendered conversations) is a target."""
+
+    name: str = "pt"
+    formats: ClassVar[tuple[str, ...]] = ("text", "alpaca", "qa", "messages", "sharegpt")
+    train_on: ClassVar[str] = "all"
+
+
+@dataclass
+class SftStageConfig(StageConfig):
+    """Supervised fine-tuning: the answers of prompt/answer conversations are the targets
+    (dataset.train_on)."""
+
+    name: str = "sft"
+    formats: ClassVar[tuple[str, ...]] = ("alpaca", "qa", "messages", "sharegpt")
+
+
+register(StageSpec(PtStageConfig, lambda stage: CAUSAL_LM))
+register(StageSpec(SftStageConfig, lambda stage: CAUSAL_LM))

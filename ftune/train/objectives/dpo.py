@@ -11,17 +11,21 @@ be checked against the papers on plain numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ftune.config.rules import choice, positive
+from ftune.config.stage_schema import StageConfig
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
 from ftune.errors import FtuneError
 from ftune.train import distributed
-from ftune.train.objectives import OBJECTIVES, Objective
+from ftune.train.objectives import Objective, StageSpec, register
 
+LOSSES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -245,4 +249,56 @@ def make_dpo(stage: Any) -> Objective:
     return Objective(loss=loss, count=lambda batch: int(batch["n_pairs"]), collate=collate_pairs)
 
 
-OBJECTIVES.register("dpo")(make_dpo)
+@dataclass
+class DpoStageConfig(StageConfig):
+    """Preference optimisation on prompt/chosen/rejected pairs (the DPO family)."""
+
+    name: str = "dpo"
+    formats: ClassVar[tuple[str, ...]] = ("preference", "feedback")
+    whole_rows: ClassVar[str] = "compares whole answers pair by pair"
+    loss: str = "sigmoid"
+    """sigmoid (DPO, Rafailov et al. 2023) | cdpo (DPO with label_smoothing, conservative DPO) |
+    ipo (Azar et al. 2023) | simpo (reference-free, length-normalised, Meng et al. 2024) |
+    orpo (SFT loss + odds-ratio term, reference-free, Hong et al. 2024) |
+    kto (unpaired desirable/undesirable answers, dataset format feedback, Ethayarajh et al. 2024)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (DPO, IPO's 1/(2 beta) target) or reward scale (SimPO)."""
+    label_smoothing: float = 0.0
+    """cdpo: assumed probability that a preference label is flipped (0 < eps < 0.5)."""
+    simpo_gamma_ratio: float = 0.5
+    """SimPO target margin gamma as a fraction of beta."""
+    orpo_lambda: float = 0.1
+    """ORPO weight of the odds-ratio term beside the SFT loss."""
+    kto_desirable_weight: float = 1.0
+    """KTO weight lambda_D of desirable answers (raise it when they are rarer than undesirable ones)."""
+    kto_undesirable_weight: float = 1.0
+    """KTO weight lambda_U of undesirable answers."""
+    reference: Optional[str] = None
+    """A separate reference model (hub id, folder, .gguf or run directory), e.g. for method=full.
+    Its log-probs are computed once before training and the model is freed again. Unset: the
+    trained model with its adapter disabled."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs of every sample once before training (one extra pass over
+    the data instead of one extra forward per step)."""
+
+    def problems(self, cfg: Any) -> list[str]:
+        problems: list[str] = []
+        choice(problems, "stage.loss", self.loss, LOSSES)
+        positive(problems, "stage.beta", self.beta)
+        if self.loss == "cdpo" and not 0 < self.label_smoothing < 0.5:
+            problems.append(f"stage.label_smoothing must be in (0, 0.5) for stage.loss=cdpo (got {self.label_smoothing})")
+        if self.loss not in REFERENCE_FREE and not cfg.method.adapter_reference and not self.reference:
+            problems.append(f"stage.loss={self.loss} needs a reference model: with method={cfg.method.name} there is "
+                            "no adapter to disable; set stage.reference=<model path or run dir>, use an adapter "
+                            "method (lora, …), or stage.loss=simpo|orpo")
+        for i, src in enumerate(cfg.dataset.sources):
+            if (self.loss == "kto") != (src.format == "feedback"):
+                problems.append(f"dataset.sources[{i}].format={src.format}: stage.loss=kto takes format=feedback "
+                                "(prompt, completion, label), the other DPO losses take format=preference")
+        if self.loss == "kto":
+            positive(problems, "stage.kto_desirable_weight", self.kto_desirable_weight)
+            positive(problems, "stage.kto_undesirable_weight", self.kto_undesirable_weight)
+        return problems
+
+
+register(StageSpec(DpoStageConfig, make_dpo, prepare=prepare_reference))

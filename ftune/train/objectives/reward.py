@@ -4,13 +4,15 @@ loss -log sigmoid(r_chosen - r_rejected - margin) teaches it to rank the chosen 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ftune.config.stage_schema import StageConfig
 from ftune.train.heads import WithScalarHead, last_token_scores
-from ftune.train.objectives import OBJECTIVES, Objective
+from ftune.train.objectives import Objective, StageSpec, register
 from ftune.train.objectives.dpo import collate_pairs
 
 
@@ -45,4 +47,21 @@ def make_reward(stage: Any) -> Objective:
                      wrap_model=lambda model: WithScalarHead(model))
 
 
-OBJECTIVES.register("pairwise")(make_reward)
+@dataclass
+class RewardStageConfig(StageConfig):
+    """Reward model on prompt/chosen/rejected pairs: a scalar head read at the last token."""
+
+    name: str = "rm"
+    formats: ClassVar[tuple[str, ...]] = ("preference",)
+    whole_rows: ClassVar[str] = "compares whole answers pair by pair"
+    answers: ClassVar[bool] = False  # a reward model scores answers, it does not write them
+    margin: float = 0.0
+    """Required score gap: loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin)."""
+    center_rewards_coef: float = 0.0
+    """Adds coef x (r_chosen + r_rejected)^2 so scores stay centred near 0 (0: off)."""
+
+    def problems(self, cfg: Any) -> list[str]:
+        return [f"stage.margin must be >= 0 (got {self.margin})"] if self.margin < 0 else []
+
+
+register(StageSpec(RewardStageConfig, make_reward, head="reward"))
