@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny model (tests/kill_resume.py, conftest.py)
 
 QUICK = ["train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
          "dataset.eval_max_rows=8", "train.tensorboard=false"]

@@ -60,8 +60,7 @@ def test_sigterm_checkpoints_and_the_printed_command_resumes_exactly(tiny_overri
 
 
 def test_kill_resume_harness_is_bit_identical(tmp_path):
-    """scripts/kill_resume.py: 5 SIGKILLs at random moments, most inside checkpoint writes."""
-    sys.path.insert(0, str(REPO / "scripts"))
+    """tests/kill_resume.py: 5 SIGKILLs at random moments, most inside checkpoint writes."""
     from kill_resume import harness
 
     result = harness(kills=5, seed=0, out=tmp_path)

@@ -55,7 +55,7 @@ def _sha256(path: Path) -> str:
 
 def _pause_for_tests() -> None:
     """FTUNE_CHECKPOINT_DELAY=<seconds>: pause halfway through each checkpoint write, so the
-    kill/resume harness (scripts/kill_resume.py) can kill inside writes."""
+    kill/resume harness (tests/kill_resume.py) can kill inside writes."""
     delay = float(os.environ.get("FTUNE_CHECKPOINT_DELAY", "0") or 0)
     if delay > 0:
         import time

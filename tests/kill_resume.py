@@ -2,7 +2,7 @@
 at random moments — several of them while a checkpoint is being written — and resumed each time;
 the final weights must be bit-identical to an uninterrupted run's.
 
-    python scripts/kill_resume.py --kills 5 [--seed 0] [--out DIR]
+    python tests/kill_resume.py --kills 5 [--seed 0] [--out DIR]    # tests/test_reliability.py runs 5 kills
 
 Checkpoints are written every step (train.save_every=1, keep 2). FTUNE_CHECKPOINT_DELAY makes each
 checkpoint write pause halfway (after the tensors, before the completion marker), so random kills
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # run as a script: conftest's tiny tokenizer sits beside it
 
 
 def tiny_model(folder: Path) -> Path:
