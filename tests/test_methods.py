@@ -51,6 +51,12 @@ METHODS = {
     "vera": (["method.r=16"], L * ((16 + H) + (16 + KV))),  # d (r) and b (out) vectors for q and v
     "longlora": (["method.r=4"], None),  # checked in test_longlora_trains_lora_embeddings_and_norms
     # A sees in/32 pooled inputs: r * (in / 32 + out) per module
+    # MAM: 5 key and 5 value prefixes per layer (KV wide) + the parallel adapter (down H x 8 + bias, up 8 x H + bias)
+    "mam": (["method.prefix_length=5", "method.ffn_bottleneck=8"], L * (2 * 5 * KV + (H * 8 + 8) + (8 * H + H))),
+    # UniPELT: gated LoRA on q and v (r x (in + out), a gate H + 1 each), gated prefixes (2 x 5 x KV + a gate)
+    # and the gated adapter after the feed-forward block (as above + a gate)
+    "unipelt": (["method.r=4", "method.prefix_length=5", "method.bottleneck=8"],
+                L * (4 * Q + 4 * V + 2 * 5 * KV + (H * 8 + 8) + (8 * H + H) + 4 * (H + 1))),
     "qalora": (["method.r=4", "method.group_size=32"],
                L * 4 * ((H // 32 + H) + (H // 32 + KV) * 2 + (H // 32 + H) + (H // 32 + I) * 2 + (I // 32 + H))),
 }
@@ -218,7 +224,7 @@ def test_merge_equals_the_adapter(method, tiny_overrides):
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter", "mam", "unipelt"])
 def test_merge_refuses_with_the_reason(method, tiny_overrides):
     from ftune.errors import FtuneError
     from ftune.methods.merge import merge

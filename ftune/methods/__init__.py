@@ -6,7 +6,18 @@ learning-rate scale per parameter (LoRA+).
 """
 
 # Every method module, imported so that each registers its spec (and its schema) once.
-from ftune.methods import adapters, bitfit, dylora, full, longlora, lora, peft_methods, prompts, qalora  # noqa: F401
+from ftune.methods import (  # noqa: F401
+    adapters,
+    bitfit,
+    dylora,
+    full,
+    longlora,
+    lora,
+    mixes,
+    peft_methods,
+    prompts,
+    qalora,
+)
 from ftune.methods.base import (
     SPECS,
     MethodSpec,
