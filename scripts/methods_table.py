@@ -52,6 +52,8 @@ METHODS = {
     "qlora": ("low-rank", 5e-4, []),
     "qalora": ("low-rank", 5e-4, []),
     "longlora": ("low-rank", 5e-4, UNPACKED),
+    "mam": ("mixed", 1e-3, UNPACKED),
+    "unipelt": ("mixed", 1e-3, UNPACKED),
 }
 
 
@@ -79,6 +81,8 @@ steps allow. tokens/s count input tokens (virtual tokens excluded) on 2 CPU core
 | qlora | LoRA on a 4-bit NF4 base | peft | through peft on a dequantised base |
 | qalora | LoRA on the group-pooled input of an INT4 group-quantised base | ftune adapter folder | exact, into the group zero-points: the merged model stays INT4 |
 | longlora | LoRA on attention + embeddings + norms, S²-Attn, RoPE x context_factor | peft (set the same RoPE scaling when reloading) | exact for the LoRA part (peft) |
+| mam | key/value prefixes on attention + a scaled parallel adapter on the feed-forward block | ftune adapter folder | refused: prefixes and a non-linear adapter |
+| unipelt | gated LoRA on q, v + gated prefixes + a gated adapter after the feed-forward block | ftune adapter folder | refused: input-dependent gates |
 
 ftune adapter folders (`ftune_adapter.json` + `adapter.safetensors`) load with
 `ftune.methods.saving.load_trained(base_model, folder)`. peft folders load with
@@ -89,12 +93,11 @@ one run and writes it to `summary.json` (`eval_loss_by_rank`); `method.save_rank
 AdaLoRA's budget update runs after every optimiser step; the final per-matrix ranks are in the saved
 `adapter_config.json` (`rank_pattern`).
 
-**Mixed methods (MAM adapter, UniPELT) are not supported yet.** `method` is one config group with
-one typed schema per choice, so a run has exactly one method. Stacking needs a list of methods in
-the schema (`methods: [{name: prefix, …}, {name: adapter, …}]`), an `apply` that composes them in
-order, save/load that writes each part, and merge rules for the combination. peft itself mixes
-only LoRA-family adapters (PeftMixedModel), not prompts with adapters, so the mixed save format
-would be ftune's own. This is the change to make when a user needs it.
+Mixed methods are compositions of these parts (ftune/methods/mixes.py): MAM (He et al. 2022) puts
+`prefix_length` key/value prefixes on every attention layer and a parallel adapter, scaled by
+`ffn_scale`, beside every feed-forward block; UniPELT (Mao et al. 2022) gates LoRA on the query and
+value projections, the prefixes and a bottleneck adapter after the feed-forward block, each with a
+per-token gate sigmoid(W x) (per token, so the model stays causal).
 """
 
 

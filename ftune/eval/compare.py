@@ -72,7 +72,7 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
     from ftune.eval.report import generations
     from ftune.methods.runs import load_model, load_run
     from ftune.models.runs import is_run_dir, run_config
-    from ftune.train.run import make_accelerator
+    from ftune.train.api import make_accelerator
 
     if is_run_dir(entry):
         own = run_config(Path(entry))
@@ -100,9 +100,10 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
 def compare(entries: list[str], judge: str, n_prompts: int = 32, max_new: int = 128, tie: float = 0.0,
             out: str | None = None) -> dict:
     """Answer, judge, rate; writes <out>/compare.md and compare.json and returns the report."""
+    from ftune import runtime
     from ftune.eval.report import held_out
     from ftune.models.runs import is_run_dir, run_config
-    from ftune.train.rewards import RewardModelScores
+    from ftune.train.api import RewardModelScores
 
     if len(entries) < 2:
         raise FtuneError("--compare needs at least two runs or models", hint="ftune eval --compare runA runB judge=<rm run>")
@@ -115,7 +116,7 @@ def compare(entries: list[str], judge: str, n_prompts: int = 32, max_new: int = 
     _, prompts = held_out(cfg, n_prompts)
     if not prompts:
         raise FtuneError(f"--compare: {first} has no held-out prompts", hint="Use a run whose dataset has a held-out split.")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = runtime.pick_device(cfg)
     RewardModelScores.check(judge)  # a wrong judge fails before any answer is generated
     answers = [_answers(e, cfg, prompts, max_new, device) for e in entries]
     scorer = RewardModelScores(judge, device, cfg.hardware.precision)

@@ -157,7 +157,7 @@ def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
     model, tokenizer, _ = load_run(sub.run_dir, device)
     if sub.cfg.stage.name == "rm":
         from ftune.models.runs import trained_folder
-        from ftune.train.heads import WithScalarHead, load_head
+        from ftune.train.api import WithScalarHead, load_head
 
         model = WithScalarHead(model)
         load_head(model, trained_folder(sub.run_dir, sub.cfg))
@@ -182,13 +182,11 @@ def _count(gens: list[dict]) -> dict[str, int]:
 def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, opts: EvalOptions, plan: Any,
             accelerator: Any, reward: Any) -> dict[str, Any]:
     """Every figure of one model: loss, answers and their problems, reward, benchmarks."""
-    from ftune.train import objectives
-    from ftune.train.rewards import reference_reward
-    from ftune.train.trainer import evaluate_all
+    from ftune.train.api import evaluate_all, objective_for, reference_reward
 
     cfg, stage, out = sub.cfg, sub.cfg.stage.name, {}
     if stage != "ppo" and data is not None and data.eval:
-        loss, metrics = evaluate_all(model, objectives.get(cfg.stage, cfg.dataset, model), data.eval, cfg.train.micro_batch_size,
+        loss, metrics = evaluate_all(model, objective_for(cfg.stage, cfg.dataset, model), data.eval, cfg.train.micro_batch_size,
                                      tokenizer.pad_token_id, accelerator)
         out.update(loss=loss, metrics=metrics)
         if stage in ("pt", "sft"):
@@ -214,9 +212,10 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
 def evaluate(run: str | None = None, model: str | None = None, overrides: list[str] | None = None,
              opts: EvalOptions | None = None) -> dict:
     """Evaluate and write <out>/report.md, report.json and summary.png; returns the report."""
+    from ftune import runtime
     from ftune.data.build import build as build_data
     from ftune.eval import benchmarks
-    from ftune.train.run import make_accelerator
+    from ftune.train.api import make_accelerator, reward_function
 
     opts = opts or EvalOptions()
     sub = subject(run, model, list(overrides or []), opts.out)
@@ -226,13 +225,11 @@ def evaluate(run: str | None = None, model: str | None = None, overrides: list[s
         raise FtuneError("benchmarks score language models; a stage=rm run is a reward model",
                          hint="Drop benchmarks=/tasks= for reward models (their report is held-out accuracy).")
     _, prompts = held_out(cfg, opts.n_prompts)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = runtime.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
     reward = None
     if stage == "ppo":
-        from ftune.train import rewards
-
-        reward = rewards.build(cfg.stage, device, cfg.hardware.precision)
+        reward = reward_function(cfg.stage, device, cfg.hardware.precision)
     trained_model, tokenizer = load_subject(sub, device)
     data = build_data(cfg.dataset, stage, cfg.train.seed, tokenizer) if not cfg.stage.prompts_only else None
     report: dict[str, Any] = {"subject": sub.label, "stage": stage, "method": cfg.method.name if sub.run_dir else None,
