@@ -373,7 +373,7 @@ def _logits_bytes(cfg: Any, tokens: int, shape: Shape, abytes: int, full: bool) 
     modules_to_save, FSDP-sharded weights) build all logits, their fp32 copy and its gradient."""
     from ftune.runtime import HEAD_CHUNK as CHUNK
 
-    chunked = cfg.stage.name in ("pt", "sft") and not getattr(cfg.method, "modules_to_save", None) \
+    chunked = cfg.stage.token_loss and not getattr(cfg.method, "modules_to_save", None) \
         and not (cfg.hardware.strategy == "fsdp")
     if not chunked:
         return tokens * shape.vocab * (abytes + 4 + 4)

@@ -75,3 +75,37 @@ def test_the_check_finds_a_hand_kept_method_list():
     for text in old:
         assert any(_names_a_method(n, methods) for n in ast.walk(ast.parse(text))), text
     assert not any(_names_a_method(n, methods) for n in ast.walk(ast.parse('cfg.stage.name == "dpo"')))
+
+
+def _names_a_stage(node: ast.AST, stages: set[str]) -> bool:
+    """`….stage.name == "x"`, `stage in ("x", …)` (a variable holding the stage's name)."""
+    if not isinstance(node, ast.Compare):
+        return False
+    left = node.left
+    is_stage = (isinstance(left, ast.Attribute) and left.attr == "name" and isinstance(left.value, ast.Attribute)
+                and left.value.attr == "stage") or (isinstance(left, ast.Name) and left.id == "stage")
+    if not is_stage:
+        return False
+    for right in node.comparators:
+        values = right.elts if isinstance(right, (ast.Tuple, ast.List, ast.Set)) else [right]
+        if any(isinstance(v, ast.Constant) and v.value in stages for v in values):
+            return True
+    return False
+
+
+def test_no_module_outside_the_stages_names_a_stage():
+    """What differs between stages comes from their schemas' facts and specs (train/objectives/)."""
+    from ftune.train.objectives import STAGES
+
+    stages = set(STAGES.names())
+    offenders = []
+    for path in sorted((ROOT / "ftune").rglob("*.py")):
+        if path.parent.name == "objectives":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if _names_a_stage(node, stages):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
+    old = ['cfg.stage.name == "dpo"', 'stage in ("pt", "sft")', 'if stage != "ppo": pass']
+    for text in old:  # the check catches the patterns it replaced
+        assert any(_names_a_stage(n, stages) for n in ast.walk(ast.parse(text))), text

@@ -33,6 +33,16 @@ class StageConfig:
     answer and generation-based evaluation mean something."""
     one_process: ClassVar[str] = ""
     """Why the stage trains in one process only ("": it runs in several)."""
+    token_loss: ClassVar[bool] = False
+    """The held-out loss is a per-token cross-entropy (a perplexity), so any model can be evaluated
+    on it without a run (`ftune eval model=…`)."""
+    rewarded: ClassVar[bool] = False
+    """Answers are scored by the stage's reward (stage.reward), which is its held-out measure."""
+    base_comparable: ClassVar[bool] = True
+    """The starting model's figures mean something beside the trained one's (false: a reward head
+    starts untrained, DPO's base is its own reference)."""
+    scalar_head: ClassVar[str] = ""
+    """The scalar head the stage trains beside the method and saves with it (reward | value; "": none)."""
 
     def problems(self, cfg: Any) -> list[str]:
         """This stage's own validation rules, as "stage.key: what is wrong (got X); the fix"."""

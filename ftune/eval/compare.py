@@ -76,7 +76,7 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
 
     if is_run_dir(entry):
         own = run_config(Path(entry))
-        if own.stage.name == "rm":
+        if not own.stage.answers:
             raise FtuneError(f"--compare: {entry} is a reward model run; it can judge (judge=…), not answer")
         model, tokenizer, _ = load_run(Path(entry), device)
     else:

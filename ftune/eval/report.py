@@ -140,7 +140,7 @@ def subject(run: str | None, model: str | None, overrides: list[str], out: str |
     extra = [f"dataset.template={template}"] if template and not any(o.startswith("dataset.template") for o in overrides) else []
     # The model is evaluated as it is: no method is applied to it.
     cfg = compose([f"model.path={model}", *extra, *overrides]).cfg
-    if cfg.stage.name not in ("pt", "sft"):
+    if not cfg.stage.token_loss:
         raise FtuneError(f"ftune eval model=…: stage={cfg.stage.name} needs a run", hint="Evaluate the run directory instead.")
     name = path.name.removesuffix(".gguf") or "model"
     return Subject(str(model), cfg, None, Path(out) if out else Path("eval") / name)
@@ -155,7 +155,7 @@ def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
         return load_model(sub.cfg, device)
 
     model, tokenizer, _ = load_run(sub.run_dir, device)
-    if sub.cfg.stage.name == "rm":
+    if sub.cfg.stage.scalar_head == "reward":  # a reward model is scored through its head
         from ftune.models.runs import trained_folder
         from ftune.train.api import WithScalarHead, load_head
 
@@ -184,14 +184,14 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
     """Every figure of one model: loss, answers and their problems, reward, benchmarks."""
     from ftune.train.api import evaluate_all, objective_for, reference_reward
 
-    cfg, stage, out = sub.cfg, sub.cfg.stage.name, {}
-    if stage != "ppo" and data is not None and data.eval:
+    cfg, out = sub.cfg, {}
+    if not cfg.stage.rewarded and data is not None and data.eval:
         loss, metrics = evaluate_all(model, objective_for(cfg.stage, cfg.dataset, model), data.eval, cfg.train.micro_batch_size,
                                      tokenizer.pad_token_id, accelerator)
         out.update(loss=loss, metrics=metrics)
-        if stage in ("pt", "sft"):
+        if cfg.stage.token_loss:
             out["perplexity"] = math.exp(loss)
-    if stage != "rm" and prompts:
+    if cfg.stage.answers and prompts:
         gens = generations(model, tokenizer, cfg, prompts, opts.max_new, accelerator)
         out.update(generations=gens, problem_counts=_count(gens))
         with_ref = [g for g in gens if g["reference"]]
@@ -202,7 +202,7 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
             for g, s in zip(gens, scores):
                 g["reward"] = float(s)
             out["reward"] = sum(scores) / len(scores)
-    if plan is not None and stage != "rm":
+    if plan is not None and cfg.stage.answers:
         from ftune.eval import benchmarks
 
         out["benchmarks"] = benchmarks.run(plan, model, tokenizer, cfg.train.micro_batch_size, opts.limit, opts.chat)
@@ -221,14 +221,14 @@ def evaluate(run: str | None = None, model: str | None = None, overrides: list[s
     sub = subject(run, model, list(overrides or []), opts.out)
     cfg, stage = sub.cfg, sub.cfg.stage.name
     plan = benchmarks.prepare(list(opts.benchmarks), list(opts.tasks))  # checked before any model loads
-    if plan is not None and stage == "rm":
-        raise FtuneError("benchmarks score language models; a stage=rm run is a reward model",
+    if plan is not None and not cfg.stage.answers:
+        raise FtuneError(f"benchmarks score language models; a stage={stage} run is a reward model",
                          hint="Drop benchmarks=/tasks= for reward models (their report is held-out accuracy).")
     _, prompts = held_out(cfg, opts.n_prompts)
     device = runtime.pick_device(cfg)
     accelerator = make_accelerator(cfg, device)
     reward = None
-    if stage == "ppo":
+    if cfg.stage.rewarded:
         reward = reward_function(cfg.stage, device, cfg.hardware.precision)
     trained_model, tokenizer = load_subject(sub, device)
     data = build_data(cfg.dataset, stage, cfg.train.seed, tokenizer) if not cfg.stage.prompts_only else None
@@ -237,7 +237,7 @@ def evaluate(run: str | None = None, model: str | None = None, overrides: list[s
                               "trained": measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)}
     # The base: RM heads start untrained (accuracy 0.5 by construction) and DPO's base is its own
     # reference (loss log 2), so only their trained figures say anything.
-    if opts.base and sub.run_dir is not None and stage in ("pt", "sft", "ppo"):
+    if opts.base and sub.run_dir is not None and cfg.stage.base_comparable:
         if hasattr(trained_model, "disable_adapter"):
             with trained_model.disable_adapter():
                 report["base"] = measure(trained_model, tokenizer, sub, data, prompts, opts, plan, accelerator, reward)

@@ -35,7 +35,7 @@ def adapters(runs: list[str]) -> tuple[object, list[tuple[str, Path, int]]]:
         folder = trained_folder(run, cfg)
         config_file = folder / "adapter_config.json"
         peft = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if peft.get("peft_type") != "LORA" or peft.get("use_dora") or cfg.stage.name in ("rm",):
+        if peft.get("peft_type") != "LORA" or peft.get("use_dora") or not cfg.stage.answers:
             raise FtuneError(f"{run}: method={cfg.method.name} (stage={cfg.stage.name}) is not a plain LoRA adapter, "
                              "which is what vLLM serves",
                              hint="Use --engine ftune for other peft methods, or merge the run (ftune merge) and "

@@ -110,7 +110,7 @@ class RewardModelScores:
                              hint="Give the directory of a stage=rm run (ftune train recipe=smollm2-rm).")
         saved = run_config(Path(run_dir))
         folder = trained_folder(Path(run_dir), saved)
-        if saved.stage.name != "rm":
+        if saved.stage.scalar_head != "reward":
             raise FtuneError(f"reward model: {run_dir} is a stage={saved.stage.name} run, not a reward model",
                              hint="Train one first: ftune train recipe=smollm2-rm, then give its run directory.")
         if not (folder / HEAD_FILE).is_file():

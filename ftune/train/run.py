@@ -290,7 +290,7 @@ def finish(run: Run, parts: LoopParts, state: FitState, log: MetricsLog, data: A
     if run.main:
         saved_to = save_trained(trained, tokenizer, cfg.method, facts["base_path"], saved_to, state_dict)
         if head is not None:  # the stage's head (reward or value) beside the trained output
-            save_head(head, saved_to, kind=objectives.spec_of(cfg.stage).head, state=head_state)
+            save_head(head, saved_to, kind=cfg.stage.scalar_head, state=head_state)
         plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
     summary = {
         "run_dir": str(run.run_dir), "steps": state.step, "eval_loss_before": state.eval_before,

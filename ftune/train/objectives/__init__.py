@@ -55,8 +55,6 @@ class StageSpec:
     prepare: Optional[Callable[..., Optional[str]]] = None
     """(cfg, model, data, pad id, device, accelerator) -> a note or None: once after the method is
     applied, before training (DPO: reference log-probs computed up front)."""
-    head: str = ""
-    """The scalar head the stage trains beside the method and saves with it (reward | value; "": none)."""
     steps: Optional[Callable[[Any, int], int]] = None
     """(cfg, training samples) -> optimiser steps, when not the dataset's epochs (PPO: per rollout)."""
     lr_scale: Optional[Callable[[Any, Callable[[str], float]], Callable[[str], float]]] = None

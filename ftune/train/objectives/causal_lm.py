@@ -168,6 +168,7 @@ class PtStageConfig(StageConfig):
     name: str = "pt"
     formats: ClassVar[tuple[str, ...]] = ("text", "alpaca", "qa", "messages", "sharegpt")
     train_on: ClassVar[str] = "all"
+    token_loss: ClassVar[bool] = True
 
 
 @dataclass
@@ -177,6 +178,7 @@ class SftStageConfig(StageConfig):
 
     name: str = "sft"
     formats: ClassVar[tuple[str, ...]] = ("alpaca", "qa", "messages", "sharegpt")
+    token_loss: ClassVar[bool] = True
 
 
 register(StageSpec(PtStageConfig, lambda stage: CAUSAL_LM))

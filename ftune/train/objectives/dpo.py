@@ -256,6 +256,7 @@ class DpoStageConfig(StageConfig):
     name: str = "dpo"
     formats: ClassVar[tuple[str, ...]] = ("preference", "feedback")
     whole_rows: ClassVar[str] = "compares whole answers pair by pair"
+    base_comparable: ClassVar[bool] = False  # the base is its own reference: loss log 2, rewards 0
     loss: str = "sigmoid"
     """sigmoid (DPO, Rafailov et al. 2023) | cdpo (DPO with label_smoothing, conservative DPO) |
     ipo (Azar et al. 2023) | simpo (reference-free, length-normalised, Meng et al. 2024) |

@@ -55,6 +55,8 @@ class RewardStageConfig(StageConfig):
     formats: ClassVar[tuple[str, ...]] = ("preference",)
     whole_rows: ClassVar[str] = "compares whole answers pair by pair"
     answers: ClassVar[bool] = False  # a reward model scores answers, it does not write them
+    base_comparable: ClassVar[bool] = False  # its head starts untrained: accuracy 0.5 by construction
+    scalar_head: ClassVar[str] = "reward"
     margin: float = 0.0
     """Required score gap: loss -log sigmoid(r_chosen - r_rejected - margin) (Llama 2's margin)."""
     center_rewards_coef: float = 0.0
@@ -64,4 +66,4 @@ class RewardStageConfig(StageConfig):
         return [f"stage.margin must be >= 0 (got {self.margin})"] if self.margin < 0 else []
 
 
-register(StageSpec(RewardStageConfig, make_reward, head="reward"))
+register(StageSpec(RewardStageConfig, make_reward))
