@@ -7,9 +7,9 @@ penalty -kl_coef x (log pi - log pi_ref), plus the score on the answer's last to
 rewards and values into advantages (whitened over the rollout) and returns. The rollout is then
 trained for `ppo_epochs` passes with the clipped policy objective and the clipped value loss.
 
-The trainer's loop is unchanged: the rollout is a batch source (PpoSource, ppo_rollouts.py, with the
-maths) that hands the loop
-micro-batches of experience, and the loss below is a sum over answer tokens like causal_lm's.
+The trainer's loop is unchanged: the rollout is a batch source (PpoSource, in ppo_rollouts.py with
+the maths) that hands the loop micro-batches of experience, and the loss below is a sum over answer
+tokens like causal_lm's.
 Answers are generated from left-padded prompts; every tensor keeps that layout, so an answer
 starts at the same column `start` in every row of a micro-batch.
 """
