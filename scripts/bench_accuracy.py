@@ -35,11 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_workload import Settings, ftune_overrides, load_samples, model_folder, step_rows
 
-from bench_workload import Settings, ftune_overrides, load_samples, model_folder, step_rows  # noqa: E402
-
-from bench import run_process  # noqa: E402
+# The bench scripts run as scripts (`python scripts/<name>.py`), so Python puts scripts/ first on the
+# path and they import each other by name.
+from bench import run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "ACCURACY_RESULT "

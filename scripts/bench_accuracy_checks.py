@@ -21,11 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from bench_accuracy import DATA, arm_overrides, compose_cfg, render_prompts  # noqa: E402
-from bench_workload import Settings, load_samples, model_folder, step_rows  # noqa: E402
+import torch
+from bench_accuracy import DATA, arm_overrides, compose_cfg, render_prompts  # scripts/ is on the path (run as a script)
+from bench_workload import Settings, load_samples, model_folder, step_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 IGNORE = -100

@@ -175,8 +175,7 @@ def main() -> None:
     args = p.parse_args()
     path = args.tokenizer
     if not path:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_workload import Settings, compose_arm, model_folder
+        from bench_workload import Settings, compose_arm, model_folder  # scripts/ is on the path (run as a script)
 
         path = model_folder(compose_arm(Settings(), packed=False))
     train, test, dists = build(path)
