@@ -250,18 +250,49 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
              checkpointed: int | None = None) -> Estimate:
     """Peak memory per process. checkpointed: decoder layers recomputed in the backward pass
     (default: what train.gradient_checkpointing fixes; none for auto, see resolve_checkpointing)."""
-    from ftune.runtime import weight_dtype, world_size
+    from ftune.runtime import cuda_wanted, weight_dtype, world_size
 
     shape = shape or model_shape(cfg)
     trainable = trainable_params(cfg, shape) if trainable is None else trainable
-    hw, tr, ds = cfg.hardware, cfg.train, cfg.dataset
-    cuda = hw.device == "cuda" or (hw.device == "auto" and _cuda())
-    world = world_size(cfg)
-    full = cfg.method.trains_every_weight
-    frozen = 0 if full else shape.total_params
+    hw, tr = cfg.hardware, cfg.train
+    cuda, world, full = cuda_wanted(hw), world_size(cfg), cfg.method.trains_every_weight
     wbytes = DTYPE_BYTES.get(str(weight_dtype(cfg)).removeprefix("torch."), 4)
     # A 4/8-bit base (QLoRA): adapters over bitsandbytes weights, prepared by peft for kbit training.
     kbit = cfg.model.quantization in ("4bit", "8bit") and not full
+    state, offloaded = _model_state(cfg, shape, trainable, world, wbytes, kbit)
+    tokens = tr.micro_batch_size * cfg.dataset.max_seq_len  # one micro-batch: accumulation frees it
+    abytes = 2 if hw.precision in ("bf16", "fp16") else 4
+    attn = _attention(cfg, cuda)
+    if checkpointed is None:
+        checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
+    forward = _forward_state(cfg, shape, tokens, abytes, kbit, cuda, attn, checkpointed)
+    # Autocast's 16-bit copies of the fp32 trained weights, kept for the backward pass (measured on
+    # the full fine-tune; negligible for adapters). Sharded runs gather one layer at a time.
+    sharded = hw.strategy in ("fsdp", "deepspeed") and world > 1
+    casts = trainable * abytes if hw.precision in ("bf16", "fp16") and not sharded else 0.0
+    parts = {**state, "16-bit weight copies": casts, **forward, "runtime": CUDA_RUNTIME if cuda else CPU_RUNTIME}
+    acts, per_micro_batch = forward["activations"], sum(forward[k] for k in ("activations", "attention scores", "logits"))
+    heap = heap_fragmentation(cfg, cuda, kbit, acts, per_micro_batch)
+    if heap:
+        parts["heap fragmentation"] = heap
+    if not cuda:
+        # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
+        # the model has loaded: the process's peak is the larger of loading and training, so only
+        # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
+        training = sum(v for k, v in parts.items() if k not in ("weights", "runtime"))
+        parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
+    available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
+    est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
+    est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
+                     f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
+    return est
+
+
+def _model_state(cfg: Any, shape: Shape, trainable: int, world: int, wbytes: int, kbit: bool
+                 ) -> tuple[dict[str, float], float]:
+    """(weights, fp32 trainable copies, gradients, optimiser state per process, bytes offloaded)."""
+    hw = cfg.hardware
+    frozen = 0 if cfg.method.trains_every_weight else shape.total_params
     if kbit:
         # prepare_model_for_kbit_training casts every weight it does not quantise (embeddings,
         # norms, an untied output layer) to fp32.
@@ -269,10 +300,8 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
         weights = shape.linear_params * per_weight + (frozen - shape.linear_params) * 4
     else:
         weights = frozen * wbytes
-    master = trainable * 4
-    grads = trainable * 4
-    optim = trainable * (2 if tr.optim in ("adamw_8bit", "paged_adamw_8bit") else 8)
-    # Sharding of the model state.
+    master = grads = trainable * 4
+    optim = trainable * (2 if cfg.train.optim in ("adamw_8bit", "paged_adamw_8bit") else 8)
     offloaded = 0.0
     if hw.strategy == "fsdp" and world > 1:
         weights, master, grads, optim = weights / world, master / world, grads / world, optim / world
@@ -289,9 +318,13 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
         if hw.offload_params:
             offloaded += weights + master
             weights = master = 0.0
-    # Activations and logits of one micro-batch (gradient accumulation frees them between).
-    tokens = tr.micro_batch_size * ds.max_seq_len
-    abytes = 2 if hw.precision in ("bf16", "fp16") else 4
+    return {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim}, offloaded
+
+
+def _forward_state(cfg: Any, shape: Shape, tokens: int, abytes: int, kbit: bool, cuda: bool, attn: str,
+                   checkpointed: int) -> dict[str, float]:
+    """What one micro-batch keeps for its backward pass: activations, attention scores, logits and
+    the layer rebuilt by recomputation."""
     # Bytes each layer keeps per token for the backward pass, counted with saved-tensor hooks on
     # SmolLM2 (docs/memory.md): in the compute dtype the two norm outputs, the query and the
     # attention output (4H), keys and values (2 kv), gate, up, their SiLU product and the
@@ -305,9 +338,6 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
         # each matmul input besides (hooks on SmolLM2 QLoRA: 55.6 KB per token and layer).
         per_token_layer = 4 * (7 * h + 4 * i) + abytes * (9 * h + i + 2 * kv)
         stream_bytes = 4
-    attn = _attention(cfg, cuda)
-    if checkpointed is None:
-        checkpointed = fixed_checkpointed_layers(tr.gradient_checkpointing, shape.layers) or 0
     # A recomputed layer keeps only its input; the backward pass rebuilds its tensors one layer at a
     # time. The recomputed layers are the first ones, whose backward runs last: by then the kept
     # layers and the head's logits are freed. So the peak is the end of the forward pass (inputs,
@@ -321,38 +351,18 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
     # keeps the probabilities alone (fitted, docs/memory.md). SDPA on CPU runs its flash kernel even
     # with a mask (padding, packed rows), keeping no scores, but it saves the mask converted to the
     # compute dtype, [rows x 1 x seq x seq] per layer. SDPA and flash-attention on CUDA keep neither.
+    seq = cfg.dataset.max_seq_len
     scores_per_layer = 0.0
     per_score = {"eager": 4 + (abytes if abytes < 4 else 0), "eager (compiled)": abytes}.get(attn)
     if per_score:
-        scores_per_layer = tokens * shape.heads * ds.max_seq_len * per_score
+        scores_per_layer = tokens * shape.heads * seq * per_score
     elif not cuda:
-        scores_per_layer = tokens * ds.max_seq_len * abytes
+        scores_per_layer = tokens * seq * abytes
     scores = scores_per_layer * layers_kept
-    logits = _logits_bytes(cfg, tokens, shape, abytes, full)
+    logits = _logits_bytes(cfg, tokens, shape, abytes, cfg.method.trains_every_weight)
     rebuilt = tokens * per_token_layer + scores_per_layer if checkpointed else 0.0
     recompute = max(0.0, rebuilt - kept - scores - logits)
-    # Autocast's 16-bit copies of the fp32 trained weights, kept for the backward pass (measured on
-    # the full fine-tune; negligible for adapters). Sharded runs gather one layer at a time.
-    sharded = hw.strategy in ("fsdp", "deepspeed") and world > 1
-    casts = trainable * abytes if hw.precision in ("bf16", "fp16") and not sharded else 0.0
-    runtime = CUDA_RUNTIME if cuda else CPU_RUNTIME
-    parts = {"weights": weights, "trainable (fp32)": master, "gradients": grads, "optimiser": optim,
-             "16-bit weight copies": casts, "activations": acts, "attention scores": scores, "logits": logits,
-             "recomputed layer": recompute, "runtime": runtime}
-    heap = heap_fragmentation(cfg, cuda, kbit, acts, acts + scores + logits)
-    if heap:
-        parts["heap fragmentation"] = heap
-    if not cuda:
-        # A checkpoint converted while loading (fp32 file -> bf16 weights) is mapped in memory until
-        # the model has loaded: the process's peak is the larger of loading and training, so only
-        # the part of the file beyond the training-time terms adds to it (measured; docs/memory.md).
-        training = master + grads + optim + casts + acts + scores + logits + recompute + heap
-        parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
-    available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
-    est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
-    est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
-                     f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
-    return est
+    return {"activations": acts, "attention scores": scores, "logits": logits, "recomputed layer": recompute}
 
 
 def heap_fragmentation(cfg: Any, cuda: bool, kbit: bool, acts: float, per_micro_batch: float) -> float:
@@ -396,12 +406,6 @@ def _conversion_bytes(cfg: Any, wbytes: int, full: bool) -> float:
     if DTYPE_BYTES.get(file_dtype, 4) <= wbytes:
         return 0.0
     return float(sum(f.stat().st_size for f in folder.glob("*.safetensors")))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _attention(cfg: Any, cuda: bool) -> str:
