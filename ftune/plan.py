@@ -196,7 +196,9 @@ class Estimate:
 
 def checkpoint_mode(value: Any) -> str:
     """train.gradient_checkpointing as written: "false", "true", "auto" or a layer count ("12")."""
-    return str(value).strip().lower()
+    from ftune.runtime import tristate
+
+    return tristate(value)
 
 
 def fixed_checkpointed_layers(value: Any, layers: int) -> int | None:

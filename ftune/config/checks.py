@@ -56,7 +56,8 @@ def _derive_scale_out(cfg: FtuneConfig) -> list[str]:
     process count. Keep the global batch (micro_batch_size x grad_accum rows) when it divides;
     otherwise grow grad_accum and say so."""
     hw, tr, notes = cfg.hardware, cfg.train, []
-    tr.gradient_checkpointing = tristate(tr.gradient_checkpointing)
+    tr.gradient_checkpointing = tristate(tr.gradient_checkpointing)  # the tri-state keys, parsed once
+    hw.compile = tristate(hw.compile)
     if hw.activation_checkpointing and tr.gradient_checkpointing in ("auto", "false"):
         tr.gradient_checkpointing = "true"
     world = world_size(cfg)
@@ -153,7 +154,6 @@ def _check_scale_out(cfg: FtuneConfig, problems: list[str]) -> None:
     _choice(problems, "hardware.strategy", hw.strategy, ("none", "ddp", "fsdp", "deepspeed"))
     _choice(problems, "hardware.attn_implementation", hw.attn_implementation,
             ("auto", "sdpa", "eager", "flash_attention_2"))
-    hw.compile = tristate(hw.compile)
     _choice(problems, "hardware.compile", hw.compile, ("auto", "true", "false"))
     if hw.compile == "true" and hw.strategy in ("fsdp", "deepspeed"):
         problems.append(f"hardware.compile=true works with strategy none or ddp (got {hw.strategy}); "
