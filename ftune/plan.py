@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import FtuneError
+from ftune.methods import Setup, apply
+from ftune.models.load import resolve_model_path
+from ftune.models.runs import is_run_dir, run_config
+from ftune.runtime import HEAD_CHUNK as CHUNK
+from ftune.runtime import cuda_wanted, training_attention, tristate, weight_dtype, world_size
 
 GIB = 2 ** 30
 # Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
@@ -113,9 +118,6 @@ KNOWN = {
 
 def model_shape(cfg: Any) -> Shape:
     """The model's shape from its config.json (a local folder, a converted GGUF, or the HF cache)."""
-    from ftune.models.load import resolve_model_path
-    from ftune.models.runs import is_run_dir, run_config
-
     path = cfg.model.path
     if is_run_dir(path):
         return model_shape(run_config(Path(path)))
@@ -156,8 +158,6 @@ def _meta_count(cfg: Any) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ftune.methods import Setup, apply
-    from ftune.models.load import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), local_files_only=True)
     with torch.device("meta"):
@@ -196,8 +196,6 @@ class Estimate:
 
 def checkpoint_mode(value: Any) -> str:
     """train.gradient_checkpointing as written: "false", "true", "auto" or a layer count ("12")."""
-    from ftune.runtime import tristate
-
     return tristate(value)
 
 
@@ -252,8 +250,6 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
              checkpointed: int | None = None) -> Estimate:
     """Peak memory per process. checkpointed: decoder layers recomputed in the backward pass
     (default: what train.gradient_checkpointing fixes; none for auto, see resolve_checkpointing)."""
-    from ftune.runtime import cuda_wanted, weight_dtype, world_size
-
     shape = shape or model_shape(cfg)
     trainable = trainable_params(cfg, shape) if trainable is None else trainable
     hw, tr = cfg.hardware, cfg.train
@@ -383,8 +379,6 @@ def _logits_bytes(cfg: Any, tokens: int, shape: Shape, abytes: int, full: bool) 
     in the compute dtype and in fp32, all positions counted as targets (continued pretraining), plus
     the head's fp32 gradient when the head trains. Other stages and heads (a trained head in
     modules_to_save, FSDP-sharded weights) build all logits, their fp32 copy and its gradient."""
-    from ftune.runtime import HEAD_CHUNK as CHUNK
-
     chunked = cfg.stage.token_loss and not getattr(cfg.method, "modules_to_save", None) \
         and not (cfg.hardware.strategy == "fsdp")
     if not chunked:
@@ -395,9 +389,6 @@ def _logits_bytes(cfg: Any, tokens: int, shape: Shape, abytes: int, full: bool) 
 
 def _conversion_bytes(cfg: Any, wbytes: int, full: bool) -> float:
     """Size of the checkpoint files when the weights are converted to a smaller dtype on load."""
-    from ftune.models.load import resolve_model_path
-    from ftune.models.runs import is_run_dir
-
     if full or is_run_dir(cfg.model.path):
         return 0.0
     folder = Path(resolve_model_path(cfg.model))
@@ -416,8 +407,6 @@ def _attention(cfg: Any, cuda: bool) -> str:
     long enough to compile (the larger estimate)."""
     import torch
 
-    from ftune.errors import FtuneError
-    from ftune.runtime import training_attention
 
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else None
     try:
@@ -449,7 +438,6 @@ def knobs(cfg: Any, shape: Shape) -> list[str]:
     """Overrides that would make the run fit, each with its estimate (tried one at a time)."""
     import copy
 
-    from ftune.runtime import world_size
 
     def change(label: str, **settings: Any) -> None:
         other = copy.deepcopy(cfg)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ftune.errors import FtuneError
+from ftune.resources import data_root, eval_tasks_dir
 
 # Short names users type -> lm-eval task names.
 ALIASES = {"arc": "arc_challenge", "arc_challenge": "arc_challenge", "arc_easy": "arc_easy",
@@ -70,7 +71,6 @@ def load_task_config(spec: str) -> LocalTask:
     """A task config by path, or by name from the shipped eval_tasks/."""
     from omegaconf import OmegaConf
 
-    from ftune.resources import eval_tasks_dir
 
     path = Path(spec)
     if not path.is_file():
@@ -101,8 +101,6 @@ def load_task_config(spec: str) -> LocalTask:
 
 def _data_file(spec: str, config: Path) -> Path:
     """`ftune:<file>` names shipped data; a relative path is from the config's folder, then the cwd."""
-    from ftune.resources import data_root
-
     if spec.startswith("ftune:"):
         return data_root() / "data" / spec.removeprefix("ftune:")
     path = Path(spec)

@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
+from ftune import runtime
 from ftune.errors import FtuneError
+from ftune.eval.report import generations, held_out
+from ftune.methods.runs import load_model, load_run
+from ftune.models.runs import is_run_dir, run_config
+from ftune.train.api import RewardModelScores, make_accelerator
 
 
 def outcomes(scores: list[list[float]], tie: float) -> list[list[float]]:
@@ -69,11 +74,6 @@ def intervals(scores: list[list[float]], tie: float, rounds: int = 200, seed: in
 
 def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.device) -> list[dict]:
     """Greedy answers of one contestant (a run with its method, or a model folder)."""
-    from ftune.eval.report import generations
-    from ftune.methods.runs import load_model, load_run
-    from ftune.models.runs import is_run_dir, run_config
-    from ftune.train.api import make_accelerator
-
     if is_run_dir(entry):
         own = run_config(Path(entry))
         if not own.stage.answers:
@@ -100,11 +100,6 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
 def compare(entries: list[str], judge: str, n_prompts: int = 32, max_new: int = 128, tie: float = 0.0,
             out: str | None = None) -> dict:
     """Answer, judge, rate; writes <out>/compare.md and compare.json and returns the report."""
-    from ftune import runtime
-    from ftune.eval.report import held_out
-    from ftune.models.runs import is_run_dir, run_config
-    from ftune.train.api import RewardModelScores
-
     if len(entries) < 2:
         raise FtuneError("--compare needs at least two runs or models", hint="ftune eval --compare runA runB judge=<rm run>")
     if not judge:

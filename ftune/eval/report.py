@@ -27,7 +27,17 @@ from typing import Any
 
 import torch
 
+from ftune import runtime
+from ftune.config.compose import compose
+from ftune.data import templates
+from ftune.data.build import build as build_data
+from ftune.data.build import prompt_of, split_records
 from ftune.errors import FtuneError
+from ftune.eval import benchmarks
+from ftune.eval.plots import summary_plot
+from ftune.methods.runs import load_model, load_run
+from ftune.models.runs import is_run_dir, run_config
+from ftune.train.api import evaluate_all, make_accelerator, objective_for, reference_reward, reward_function
 
 LEAKS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "### Instruction",
          "### Response", "<|endoftext|>", "<s>", "</s>", "<|user|>", "<|assistant|>")
@@ -75,7 +85,6 @@ def analyse(answer: str, raw: str, n_tokens: int, ended: bool, max_new: int, ref
 
 def generations(model: Any, tokenizer: Any, cfg: Any, prompts: list[tuple[list[dict], str | None]],
                 max_new: int, accelerator: Any) -> list[dict]:
-    from ftune.data import templates
 
     template = templates.load_template(cfg.dataset.template)
     stops = templates.stop_token_ids(tokenizer, cfg.dataset.template)
@@ -100,8 +109,6 @@ def generations(model: Any, tokenizer: Any, cfg: Any, prompts: list[tuple[list[d
 
 def held_out(cfg: Any, n_prompts: int) -> tuple[list[dict], list[tuple[list[dict], str | None]]]:
     """(held-out records, held-out prompts with their reference answers) of a config's own split."""
-    from ftune.data.build import prompt_of, split_records
-
     _, records = split_records(cfg.dataset, cfg.train.seed)
     prompts = [prompt_of(r) for r in records if "messages" in r][:n_prompts]
     return records, prompts
@@ -118,8 +125,6 @@ class Subject:
 
 
 def subject(run: str | None, model: str | None, overrides: list[str], out: str | None) -> Subject:
-    from ftune.models.runs import is_run_dir, run_config
-
     if bool(run) == bool(model):
         raise FtuneError("ftune eval needs exactly one of run=<run dir> or model=<path>",
                          hint="e.g. ftune eval run=outputs/<run>   or   ftune eval model=merged/<name> dataset=smol-instruct")
@@ -132,7 +137,6 @@ def subject(run: str | None, model: str | None, overrides: list[str], out: str |
             raise FtuneError(f"ftune eval run=…: config overrides ({' '.join(overrides)}) apply to model=… only",
                              hint="A run is evaluated on its own held-out split with its own config.")
         return Subject(str(run_dir), run_config(run_dir), run_dir, Path(out) if out else run_dir / "eval")
-    from ftune.config.compose import compose
 
     path = Path(model)
     merge_info = path / "ftune_merge.json"  # a merged folder knows its chat template
@@ -149,8 +153,6 @@ def subject(run: str | None, model: str | None, overrides: list[str], out: str |
 def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
     """(trained model, tokenizer): a run with its method applied (not merged, so the base stays
     reachable through disable_adapter), or the plain model."""
-    from ftune.methods.runs import load_model, load_run
-
     if sub.run_dir is None:
         return load_model(sub.cfg, device)
 
@@ -166,8 +168,6 @@ def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
 
 def load_base(sub: Subject, device: torch.device) -> Any:
     """The run's starting model on its own (for methods without an adapter switch)."""
-    from ftune.methods.runs import load_model
-
     return load_model(sub.cfg, device)[0]  # the saved config: its model.path is where the run started
 
 
@@ -182,8 +182,6 @@ def _count(gens: list[dict]) -> dict[str, int]:
 def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, opts: EvalOptions, plan: Any,
             accelerator: Any, reward: Any) -> dict[str, Any]:
     """Every figure of one model: loss, answers and their problems, reward, benchmarks."""
-    from ftune.train.api import evaluate_all, objective_for, reference_reward
-
     cfg, out = sub.cfg, {}
     if not cfg.stage.rewarded and data is not None and data.eval:
         loss, metrics = evaluate_all(model, objective_for(cfg.stage, cfg.dataset, model), data.eval, cfg.train.micro_batch_size,
@@ -212,11 +210,6 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
 def evaluate(run: str | None = None, model: str | None = None, overrides: list[str] | None = None,
              opts: EvalOptions | None = None) -> dict:
     """Evaluate and write <out>/report.md, report.json and summary.png; returns the report."""
-    from ftune import runtime
-    from ftune.data.build import build as build_data
-    from ftune.eval import benchmarks
-    from ftune.train.api import make_accelerator, reward_function
-
     opts = opts or EvalOptions()
     sub = subject(run, model, list(overrides or []), opts.out)
     cfg, stage = sub.cfg, sub.cfg.stage.name
@@ -251,7 +244,6 @@ def evaluate(run: str | None = None, model: str | None = None, overrides: list[s
         plan.folder.cleanup()
     sub.out.mkdir(parents=True, exist_ok=True)
     (sub.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    from ftune.eval.plots import summary_plot
 
     if summary_plot(report, sub.out / "summary.png"):
         report["plot"] = str(sub.out / "summary.png")

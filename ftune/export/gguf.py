@@ -21,6 +21,7 @@ import torch
 
 from ftune.errors import FtuneError
 from ftune.export.gguf_writer import NATIVE, write_gguf
+from ftune.models.runs import is_run_dir
 
 # llama.cpp file types (llama.h, enum llama_ftype) of the k-quants.
 K_QUANTS = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
@@ -144,8 +145,6 @@ def export(source: str | Path, quant: str = "q8_0", out: str | Path | None = Non
 
     `notes`, when given, receives one line per thing the user should know about how the file was
     written (QA-LoRA layers written exactly as q4_1 blocks, or why they were re-quantised)."""
-    from ftune.models.runs import is_run_dir
-
     source = Path(source)
     quant = quant.lower()
     if quant not in NATIVE and quant not in K_QUANTS:

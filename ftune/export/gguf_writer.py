@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ftune.errors import FtuneError
+from ftune.export.merge import QALORA_GROUPS
 
 NATIVE = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 ARCHES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -120,7 +121,6 @@ def qalora_groups(folder: Path, quant: str, notes: list[str]) -> dict[str, tuple
     """
     from safetensors.numpy import load_file
 
-    from ftune.export.merge import QALORA_GROUPS
 
     path = folder / QALORA_GROUPS
     if not path.is_file() or quant not in ("q4_0", "q4_1"):
@@ -146,8 +146,6 @@ def qalora_groups(folder: Path, quant: str, notes: list[str]) -> dict[str, tuple
 
 def weight_files(folder: Path) -> list[Path]:
     """The model's safetensors files (not ftune's QA-LoRA groups file beside them)."""
-    from ftune.export.merge import QALORA_GROUPS
-
     return sorted(p for p in folder.glob("*.safetensors") if p.name != QALORA_GROUPS)
 
 

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
+from ftune.data.templates import load_template, stop_token_ids, to_jinja
 from ftune.errors import FtuneError
+from ftune.methods import spec_of
+from ftune.methods.merge import merge
+from ftune.methods.qalora import GroupQuantLinear
+from ftune.methods.runs import load_model
+from ftune.methods.saving import attach_trained
+from ftune.models.runs import run_config, trained_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
@@ -61,8 +68,6 @@ def dequantize_linears(model: Any, dtype: torch.dtype) -> int:
 
 
 def _dense_weight(module: Any) -> torch.Tensor | None:
-    from ftune.methods.qalora import GroupQuantLinear
-
     if isinstance(module, GroupQuantLinear):
         return module.weight_dequantized().detach()
     try:
@@ -82,12 +87,6 @@ def merged_model(run_dir: Path, dtype: str) -> tuple[Any, Any, Any, tuple[dict[s
     """(plain transformers model in `dtype`, tokenizer, the run's config, (QA-LoRA groups, group size)).
 
     The groups are only kept for 4-bit QA-LoRA, the one case a GGUF type (q4_1) holds them exactly."""
-    from ftune.methods import spec_of
-    from ftune.methods.merge import merge
-    from ftune.methods.runs import load_model
-    from ftune.methods.saving import attach_trained
-    from ftune.models.runs import run_config, trained_folder
-
     saved = run_config(run_dir)
     folder = trained_folder(run_dir, saved)
     model_cfg = dataclasses.replace(saved.model, dtype="float32")
@@ -124,7 +123,6 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
         raise FtuneError(f"out: {target} exists and is not empty", hint="Pick another out=, or add --overwrite.")
     model.config.name_or_path = target.name
     gen = model.generation_config
-    from ftune.data.templates import load_template, stop_token_ids, to_jinja
 
     stops = stop_token_ids(tokenizer, saved.dataset.template)
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops

@@ -36,6 +36,8 @@ from ftune.config.methods_schema import MethodConfig
 from ftune.config.rules import positive
 from ftune.errors import FtuneError
 from ftune.methods.base import MethodSpec, Setup, freeze_all, register, unwrap_modules, wrap_linears
+from ftune.models.runs import is_run_dir, run_config
+from ftune.runtime import weight_dtype
 
 
 @dataclass
@@ -240,8 +242,6 @@ def _requantise_dtype(folder: Path) -> torch.dtype | None:
     """The dtype the run behind `folder` loaded its base in (None: unknown), with a note to the user."""
     from rich.console import Console
 
-    from ftune.models.runs import is_run_dir, run_config
-    from ftune.runtime import weight_dtype
 
     run_dir = folder.parent
     dtype = weight_dtype(run_config(run_dir)) if is_run_dir(run_dir) else None

@@ -19,6 +19,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from ftune import safety
 from ftune.errors import FtuneError
 from ftune.methods.base import SPECS, Setup, is_peft, spec_of
 
@@ -57,8 +58,6 @@ def attach_trained(base_model: Any, folder: Path, method: Any, allow_pickle: boo
                    trainable: bool = False) -> Any:
     """A saved adapter (ftune-native or peft) of `method` on a freshly loaded base model. A damaged
     or incomplete folder is an FtuneError naming it, not a library traceback."""
-    from ftune import safety
-
     folder = Path(folder)
     safety.refuse_pickle(folder, f"adapter {folder}", allow_pickle)
     native = (folder / "ftune_adapter.json").is_file()

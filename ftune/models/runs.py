@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftune.config.compose import load_saved
 from ftune.config.schema import FtuneConfig
 from ftune.errors import FtuneError
 
@@ -17,8 +18,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def run_config(run_dir: Path) -> FtuneConfig:
-    from ftune.config.compose import load_saved
-
     try:
         return load_saved(run_dir / "config.yaml")
     except FtuneError:

@@ -17,7 +17,10 @@ from typing import Any, Iterator
 
 import torch
 
+from ftune.data import templates
 from ftune.errors import FtuneError
+from ftune.methods.runs import load_model
+from ftune.models.runs import run_config, trained_folder
 
 BASE = "__base__"
 
@@ -37,9 +40,6 @@ class AdapterPool:
         from peft import PeftConfig, get_peft_model
         from safetensors.torch import load_file
 
-        from ftune.data import templates
-        from ftune.methods.runs import load_model
-        from ftune.models.runs import run_config, trained_folder
 
         if not runs:
             raise FtuneError("give at least one run=<run dir> to serve")
@@ -95,8 +95,6 @@ class AdapterPool:
         self.loaded[name] = None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        from ftune.data import templates
-
         text = templates.render_prompt(messages, self.template, self.tokenizer)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -15,7 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from ftune.data import templates
 from ftune.errors import FtuneError
+from ftune.models.load import resolve_model_path
+from ftune.models.runs import is_run_dir, run_config, trained_folder
 
 # vLLM accepts these maximum LoRA ranks (--max-lora-rank).
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -23,8 +26,6 @@ RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def adapters(runs: list[str]) -> tuple[object, list[tuple[str, Path, int]]]:
     """(the shared base config, [(name, adapter folder, rank)]) — refusing what vLLM cannot serve."""
-    from ftune.models.runs import is_run_dir, run_config, trained_folder
-
     if not runs:
         raise FtuneError("give at least one run directory to serve")
     first, out = None, []
@@ -55,8 +56,6 @@ def command(runs: list[str], host: str, port: int, max_loaded: int, template_dir
     """The `vllm serve` command line (writes the chat template into template_dir when needed)."""
     from transformers import AutoTokenizer
 
-    from ftune.data import templates
-    from ftune.models.load import resolve_model_path
 
     cfg, found = adapters(runs)
     base = resolve_model_path(cfg.model)

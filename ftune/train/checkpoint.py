@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ftune import safety
 from ftune.errors import FtuneError
-from ftune.train import state_io
+from ftune.train import distributed, state_io
 
 PREFIX = "step-"
 STATE = "state.json"
@@ -90,8 +90,6 @@ def save(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
     """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones.
 
     Every process calls this (sharded tensors are gathered collectively); rank 0 writes."""
-    from ftune.train import distributed
-
     tensors, optim = distributed.full_state(model), distributed.optimizer_state(model, optimizer)
     if not distributed.is_main():
         return None
@@ -170,8 +168,6 @@ def _train_state(ckpt: Path, allow_pickle: bool) -> dict:
 
 def load(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, allow_pickle: bool = False) -> dict:
     """Restore parameters, optimiser, scheduler and RNG; returns the saved state.json."""
-    from ftune.train import distributed
-
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftune import plan
 from ftune.errors import FtuneError
+from ftune.runtime import decoder_layers
 
 EVERY = 1 << 30  # "every layer" before the model is loaded: more than any model has
 
@@ -19,8 +21,6 @@ EVERY = 1 << 30  # "every layer" before the model is loaded: more than any model
 def layers_for_run(cfg: Any) -> tuple[int, str | None]:
     """(decoder layers to recompute, a note for the user), decided before the model loads (the
     estimate counts the weights; the device's free memory must not have lost them already)."""
-    from ftune import plan
-
     fixed = plan.fixed_checkpointed_layers(cfg.train.gradient_checkpointing, EVERY)
     if fixed is not None:  # true: EVERY, clamped to the model's layers by restrict()
         return fixed, None
@@ -51,8 +51,6 @@ def restrict(model: Any, layers: int) -> int:
 
     transformers reads a per-layer `gradient_checkpointing` flag at every call, so the others run
     their plain forward and keep their activations."""
-    from ftune.runtime import decoder_layers
-
     if not layers:
         return 0
     blocks = decoder_layers(model)

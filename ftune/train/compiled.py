@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ftune.runtime import decoder_layers
+
 
 def _mark_shapes(hidden: Any, rotary: Any) -> None:
     """Batch and length vary (one graph for all); feature sizes are fixed. Without the static
@@ -55,8 +57,6 @@ def compile_layers(model: Any, strict: bool = False) -> int:
     switches every layer back to eager with a warning (hardware.compile=auto), or stops the run
     with the reason (strict: hardware.compile=true). The failed call is retried eagerly: the
     layer had not run yet."""
-    from ftune.runtime import decoder_layers
-
     layers = decoder_layers(model)
     state = {"failed": False}
     errors = compile_errors()

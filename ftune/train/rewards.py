@@ -17,7 +17,13 @@ from typing import Any, Callable
 
 import torch
 
+from ftune.data import templates
+from ftune.data.collate import collate
+from ftune.data.tokenize import tokenize_all
 from ftune.errors import FtuneError
+from ftune.methods.runs import load_run
+from ftune.models.runs import is_run_dir, run_config, trained_folder
+from ftune.train.heads import HEAD_FILE, WithScalarHead, last_token_scores, load_head
 
 Scores = Callable[[list[list[dict]], list[str], list[Any]], list[float]]
 
@@ -86,10 +92,6 @@ class RewardModelScores:
     and tokenised exactly as it was trained (segment by segment)."""
 
     def __init__(self, run_dir: str, device: torch.device, precision: str):
-        from ftune.data import templates
-        from ftune.methods.runs import load_run
-        from ftune.train.heads import WithScalarHead, load_head
-
         folder = self.check(run_dir)
         lm, self.tokenizer, saved = load_run(Path(run_dir), device)
         self.model = WithScalarHead(lm)
@@ -102,9 +104,6 @@ class RewardModelScores:
     @staticmethod
     def check(run_dir: str) -> Path:
         """The reward model run's trained folder; a clear error when it is not a finished rm run."""
-        from ftune.models.runs import is_run_dir, run_config, trained_folder
-        from ftune.train.heads import HEAD_FILE
-
         if not is_run_dir(run_dir):
             raise FtuneError(f"reward model: {run_dir} is not a run directory",
                              hint="Give the directory of a stage=rm run (ftune train recipe=smollm2-rm).")
@@ -120,11 +119,6 @@ class RewardModelScores:
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], responses: list[str], references: list[Any]) -> list[float]:
-        from ftune.data import templates
-        from ftune.data.collate import collate
-        from ftune.data.tokenize import tokenize_all
-        from ftune.train.heads import last_token_scores
-
         convs = [templates.render({"messages": [*p, {"role": "assistant", "content": r}]}, self.template, self.tokenizer)
                  for p, r in zip(prompts, responses)]
         samples, _ = tokenize_all(convs, self.tokenizer, self.max_len, "all", drop_empty=False)

@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ftune.train import distributed
+
 
 class StopRequested(Exception):
     """Training stopped on a signal after writing the checkpoint of `step`."""
@@ -50,7 +52,6 @@ def requested(state: dict[str, Any], accelerator: Any) -> bool:
     """True when any process got a signal (all processes must stop at the same step)."""
     import torch
 
-    from ftune.train import distributed
 
     mine = state["signal"] is not None
     if distributed.world() == 1:

@@ -23,6 +23,7 @@ from ftune import runtime
 from ftune.config.stage_schema import StageConfig
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
+from ftune.train import distributed
 from ftune.train.objectives import Objective, StageSpec, register
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -38,8 +39,6 @@ def causal_lm_module(model: Any) -> Any | None:
     """The *ForCausalLM inside `model` (DDP and peft wrappers unwrapped) when its logits are
     plainly lm_head(hidden): not for a LoRA-adapted or fully trained head (modules_to_save),
     logit soft-capping or scaling, or sharded (FSDP) parameters."""
-    from ftune.train import distributed
-
     if distributed.is_sharded(model):
         return None
     inner = getattr(model, "module", model)  # DDP

@@ -22,6 +22,7 @@ from ftune.config.stage_schema import StageConfig
 from ftune.data.collate import collate
 from ftune.data.tokenize import IGNORE
 from ftune.errors import FtuneError
+from ftune.methods.runs import load_model
 from ftune.train import distributed
 from ftune.train.objectives import Objective, StageSpec, register
 
@@ -210,7 +211,6 @@ def prepare_reference(cfg: Any, model: Any, data: Any, pad: int, device: Any, ac
         return None
     import dataclasses
 
-    from ftune.methods.runs import load_model
 
     kto, mbs = stage.loss == "kto", cfg.train.micro_batch_size
     if stage.reference:
