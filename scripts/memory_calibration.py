@@ -1,4 +1,4 @@
-"""Calibrate the memory preflight (ftune/plan.py) against measured peak memory on CPU.
+"""Calibrate the memory preflight (ftune/plan/) against measured peak memory on CPU.
 
     python scripts/memory_calibration.py        # ~10 minutes; writes docs/memory_calibration.json
 

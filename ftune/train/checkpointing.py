@@ -3,7 +3,7 @@
 A recomputed layer keeps only its input during the forward pass and runs its forward again in the
 backward pass: its activation memory drops to one [tokens x hidden] tensor at the price of about
 one more forward of that layer. `auto` recomputes only as many layers as the memory estimate needs
-(ftune/plan.py, resolve_checkpointing), so a run that fits pays nothing and one that nearly fits
+(ftune/plan/, resolve_checkpointing), so a run that fits pays nothing and one that nearly fits
 pays for a few layers instead of all of them.
 """
 

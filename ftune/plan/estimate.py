@@ -28,24 +28,26 @@ scripts/memory_calibration.py); the formulas and their sources are kept here and
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftune.errors import FtuneError
-from ftune.methods import Setup, apply
 from ftune.models.load import resolve_model_path
-from ftune.models.runs import is_run_dir, run_config
+from ftune.models.runs import is_run_dir
+from ftune.plan.shape import Shape, model_shape, trainable_params
 from ftune.runtime import HEAD_CHUNK as CHUNK
 from ftune.runtime import cuda_wanted, training_attention, tristate, weight_dtype, world_size
 
 GIB = 2 ** 30
+
+
 # Measured (docs/memory.md): peak RSS of a CPU training run of the tiny model, where weights,
 # activations and logits are negligible — Python, torch, transformers, peft, accelerate, data.
 CPU_RUNTIME = 0.53 * GIB
+
+
 # CPU runs on a bitsandbytes-quantised base: glibc's heap grows beyond the live tensors over the
 # first ~5 steps and then holds (with every block from 64 KiB mmapped it does not grow, so it is
 # the heap's free gaps, not tensors; likely left by the dequantisation temporaries between the
@@ -53,6 +55,8 @@ CPU_RUNTIME = 0.53 * GIB
 # the counted terms by 0.53 / 0.67 / 0.37 times the activations (docs/memory.md). A 16-bit base
 # grows by little, inside its calibration.
 CPU_QUANT_FRAGMENTATION = 0.5
+
+
 # CPU runs of unpacked rows (dataset.packing=false, padded or padding-free): every micro-batch has
 # another shape, and the heap keeps growing as new shapes leave their free gaps behind (it does
 # not shrink back between steps). Measured on SmolLM2 LoRA, rows of 150-500 tokens, micro-batch
@@ -62,116 +66,19 @@ CPU_QUANT_FRAGMENTATION = 0.5
 # logits (4.65 GiB for that run), the safe side of the growth seen; fixed-shape (packed) rows
 # stay inside their calibration without it.
 CPU_VARIABLE_SHAPE_FRAGMENTATION = 1.0
+
+
 # CUDA context + kernels (~0.5 GiB) and allocator fragmentation, a common rule of thumb.
 CUDA_RUNTIME = 0.8 * GIB
+
+
 # train.gradient_checkpointing=auto aims below this share of the device's memory: the estimate is
 # within ~10% on the calibrated runs (docs/memory.md), and a run killed for memory costs more
 # than a few recomputed layers.
 AUTO_HEADROOM = 0.9
+
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass
-class Shape:
-    """What the estimate needs from a model's config.json."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-    total_params: int
-    linear_params: int  # parameters in the decoder layers' linear weights (what 4-bit quantises)
-
-
-def shape_from_config(config: dict) -> Shape:
-    text = config.get("text_config", config)
-    h, layers, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
-    heads = text["num_attention_heads"]
-    kv = text.get("num_key_value_heads") or heads
-    hd = text.get("head_dim") or h // heads
-    vocab = text["vocab_size"]
-    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-    attn = h * heads * hd * 2 + h * kv * hd * 2
-    bias = (heads + 2 * kv) * hd if text.get("attention_bias") or config.get("model_type") == "qwen2" else 0
-    linear = layers * (attn + 3 * h * inter)
-    total = vocab * h * (1 if tied else 2) + linear + layers * (2 * h + bias) + h
-    return Shape(vocab, h, layers, inter, heads, kv, hd, tied, total, linear)
-
-
-# The shipped model configs' shapes (their public config.json values), so `ftune plan` works offline
-# before a multi-GB download.
-KNOWN = {
-    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
-                                     num_attention_heads=32, num_key_value_heads=32),
-    "meta-llama/Llama-3.1-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
-                                             intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
-    "mistralai/Mistral-7B-Instruct-v0.3": dict(vocab_size=32768, hidden_size=4096, num_hidden_layers=32,
-                                               intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
-    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-                                     num_attention_heads=28, num_key_value_heads=4, model_type="qwen2"),
-}
-
-
-def model_shape(cfg: Any) -> Shape:
-    """The model's shape from its config.json (a local folder, a converted GGUF, or the HF cache)."""
-    path = cfg.model.path
-    if is_run_dir(path):
-        return model_shape(run_config(Path(path)))
-    resolved = Path(resolve_model_path(cfg.model))
-    if (resolved / "config.json").is_file():
-        try:
-            return shape_from_config(json.loads((resolved / "config.json").read_text()))
-        except (KeyError, TypeError, ValueError) as exc:  # the loader reports a broken model properly
-            raise FtuneError(f"{resolved / 'config.json'} lacks the model's shape ({type(exc).__name__}: {exc})") from None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(str(cfg.model.path), "config.json")  # never touches the network
-    if isinstance(cached, str):
-        return shape_from_config(json.loads(Path(cached).read_text()))
-    if cfg.model.path in KNOWN:
-        return shape_from_config(KNOWN[cfg.model.path])
-    raise FtuneError(f"memory preflight: the config of {cfg.model.path} is not on this machine",
-                     hint="Download the model first (its config.json is enough), or skip the check with --force.")
-
-
-def trainable_params(cfg: Any, shape: Shape) -> int:
-    """Parameters the method trains: counted exactly by building the method on an empty (meta)
-    model; a rank-based formula when the method cannot be built that way."""
-    try:
-        return _meta_count(cfg)
-    except Exception:
-        pass
-    m = cfg.method
-    r = getattr(m, "r", 16)
-    per_layer_linear = 2 * (shape.hidden + shape.heads * shape.head_dim) + 2 * (shape.hidden + shape.kv_heads * shape.head_dim) \
-        + 3 * (shape.hidden + shape.intermediate)
-    if m.trains_every_weight:
-        return shape.total_params
-    return r * per_layer_linear * shape.layers
-
-
-def _meta_count(cfg: Any) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-        meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
-        if cfg.method.counted_as:  # e.g. QLoRA: LoRA's adapter; its 4-bit base is counted with the weights
-            from ftune.methods import spec_of
-
-            schema = spec_of(cfg.method.counted_as).schema
-            fields = {f.name for f in dataclasses.fields(schema)}
-            lora = schema(**{k: v for k, v in vars(cfg.method).items() if k in fields and k != "name"})
-            meta_cfg = dataclasses.replace(meta_cfg, method=lora)
-        model = apply(model, meta_cfg, Setup(total_steps=1, model_path=str(cfg.model.path)))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @dataclass
@@ -209,41 +116,6 @@ def fixed_checkpointed_layers(value: Any, layers: int) -> int | None:
     if mode == "false":
         return 0
     return min(int(mode), layers)  # config checks admit only digits here
-
-
-def resolve_checkpointing(cfg: Any, shape: Shape | None = None, trainable: int | None = None
-                          ) -> tuple[int, Estimate]:
-    """(decoder layers to recompute, the estimate with them) for train.gradient_checkpointing.
-
-    auto: none when the run fits in AUTO_HEADROOM of the device's memory, else the fewest layers
-    that make it fit (each recomputed layer keeps only its input: activation memory falls
-    linearly, compute grows by about one forward of that layer); every layer when nothing fits
-    (the preflight then refuses and lists other changes)."""
-    shape = shape or model_shape(cfg)
-    trainable = trainable_params(cfg, shape) if trainable is None else trainable
-    fixed = fixed_checkpointed_layers(cfg.train.gradient_checkpointing, shape.layers)
-    if fixed is not None:
-        return fixed, estimate(cfg, shape, trainable, fixed)
-    def fits(e: Estimate) -> bool:
-        return e.available <= 0 or e.total <= AUTO_HEADROOM * e.available
-
-    # The estimate falls with every layer recomputed: bisect for the fewest that fit (each estimate
-    # reads the device's memory and the checkpoint's files; 80 layers take 8 estimates, not 80).
-    best = estimate(cfg, shape, trainable, 0)
-    if fits(best):
-        return 0, best
-    low, high = 1, shape.layers
-    best = estimate(cfg, shape, trainable, high)
-    if not fits(best):
-        return high, best
-    while low < high:
-        mid = (low + high) // 2
-        trial = estimate(cfg, shape, trainable, mid)
-        if fits(trial):
-            high, best = mid, trial
-        else:
-            low = mid + 1
-    return high, best
 
 
 def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
@@ -432,84 +304,3 @@ def _device_memory(cuda: bool, processes_sharing: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def knobs(cfg: Any, shape: Shape) -> list[str]:
-    """Overrides that would make the run fit, each with its estimate (tried one at a time)."""
-    import copy
-
-
-    def change(label: str, **settings: Any) -> None:
-        other = copy.deepcopy(cfg)
-        for dotted, value in settings.items():
-            group, key = dotted.split("__")
-            setattr(getattr(other, group), key, value)
-        tries.append((label, other))
-
-    tries: list[tuple[str, Any]] = []
-    tr, hw = cfg.train, cfg.hardware
-    if checkpoint_mode(tr.gradient_checkpointing) not in ("true", "auto"):  # auto has tried it already
-        change("train.gradient_checkpointing=auto", train__gradient_checkpointing="auto")
-    if tr.micro_batch_size > 1:
-        mbs = max(1, tr.micro_batch_size // 2)
-        change(f"train.micro_batch_size={mbs} train.grad_accum={tr.grad_accum * 2}", train__micro_batch_size=mbs)
-    if cfg.method.quantised_variant and cfg.model.quantization == "none":
-        change(f"method={cfg.method.quantised_variant} (4-bit base)", model__quantization="4bit")
-    if tr.optim == "adamw" and hw.device != "cpu":
-        change("train.optim=adamw_8bit", train__optim="adamw_8bit")
-    if cfg.dataset.max_seq_len > 512:
-        change(f"dataset.max_seq_len={cfg.dataset.max_seq_len // 2}", dataset__max_seq_len=cfg.dataset.max_seq_len // 2)
-    if world_size(cfg) > 1 and hw.strategy != "fsdp":
-        change("hardware=fsdp", hardware__strategy="fsdp", hardware__zero_stage=0)
-    out = []
-    trainable = trainable_params(cfg, shape)
-    for label, other in tries:
-        layers, e = resolve_checkpointing(other, shape, trainable)
-        if e.fits:
-            auto = checkpoint_mode(other.train.gradient_checkpointing) == "auto" and layers
-            recomputed = f" (checkpointing {layers} layer{'s' if layers > 1 else ''})" if auto else ""
-            out.append(f"{label}  ->  {e.total / GIB:.1f} GiB{recomputed}")
-    return out
-
-
-def checkpoint_note(layers: int, total: int) -> str:
-    return (f"gradient checkpointing on {layers} of {total} decoder layers" if layers < total
-            else "gradient checkpointing on every decoder layer")
-
-
-def render(est: Estimate) -> str:
-    lines = [f"memory per {est.device} process ({est.processes} process{'es' if est.processes > 1 else ''}):"]
-    lines += [f"  {name:<20} {value / GIB:8.2f} GiB" for name, value in est.parts.items()]
-    lines.append(f"  {'total':<20} {est.total / GIB:8.2f} GiB of {est.available / GIB:.1f} GiB available"
-                 if est.available else f"  {'total':<20} {est.total / GIB:8.2f} GiB (device memory unknown)")
-    if est.cpu_offloaded:
-        lines.append(f"  offloaded to CPU RAM: {est.cpu_offloaded / GIB:.2f} GiB")
-    lines += [f"  {n}" for n in est.notes]
-    return "\n".join(lines)
-
-
-def preflight(cfg: Any, console: Any, force: bool) -> Estimate | None:
-    """Print the estimate; refuse when it does not fit (unless force). Skipped, with a note, when
-    the model's config cannot be read without loading it."""
-    if os.environ.get("FTUNE_NO_PREFLIGHT"):
-        return None
-    try:
-        shape = model_shape(cfg)
-        layers, est = resolve_checkpointing(cfg, shape)
-    except FtuneError as exc:
-        console.print(f"[yellow]note:[/] memory preflight skipped: {exc.title}")
-        return None
-    if est.fits:
-        console.print(f"memory preflight: {est.total / GIB:.2f} GiB per process"
-                      + (f" of {est.available / GIB:.1f} GiB" if est.available else "")
-                      + (f"; {checkpoint_note(layers, shape.layers)}" if layers else ""))
-        return est
-    if force:
-        console.print(f"[yellow]warning:[/] estimated {est.total / GIB:.1f} GiB per process, "
-                      f"{est.available / GIB:.1f} GiB available; going on (--force)")
-        return est
-    fixes = knobs(cfg, shape)
-    raise FtuneError(f"this run needs about {est.total / GIB:.1f} GiB per {est.device} process, "
-                     f"{est.available / GIB:.1f} GiB is available",
-                     render(est).splitlines()[1:] + ([f"would fit: {f}" for f in fixes] or ["no single change found"]),
-                     "Apply one of the changes above, or run anyway with --force (ftune plan … shows the estimate).")
