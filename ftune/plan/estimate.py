@@ -37,8 +37,8 @@ from ftune.errors import FtuneError
 from ftune.models.load import resolve_model_path
 from ftune.models.runs import is_run_dir
 from ftune.plan.shape import Shape, model_shape, trainable_params
+from ftune.runtime import AUTO_MIN_STEPS, cuda_wanted, training_attention, tristate, weight_dtype, world_size
 from ftune.runtime import HEAD_CHUNK as CHUNK
-from ftune.runtime import cuda_wanted, training_attention, tristate, weight_dtype, world_size
 
 GIB = 2 ** 30
 
@@ -153,8 +153,12 @@ def estimate(cfg: Any, shape: Shape | None = None, trainable: int | None = None,
         parts["loading"] = max(0.0, _conversion_bytes(cfg, wbytes, full) - training)
     available = hw.memory_gib * GIB if hw.memory_gib else _device_memory(cuda, world if not cuda else 1)
     est = Estimate(parts, "cuda" if cuda else "cpu", world, available, offloaded)
+    label = attn
+    if attn == "eager (compiled)" and tr.max_steps <= 0 and tristate(hw.compile) == "auto":
+        # an epoch-sized run's step count is known only once its data is read: the larger case is counted
+        label = f"eager (compiled; only if the run reaches {AUTO_MIN_STEPS} steps, else sdpa)"
     est.notes.append(f"{shape.total_params / 1e6:,.0f}M parameters, {trainable / 1e6:,.2f}M trained "
-                     f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {attn}")
+                     f"({cfg.method.name}), {tokens:,} tokens per micro-batch, attention {label}")
     return est
 
 
