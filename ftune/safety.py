@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, TextIO
+
+from rich.console import Console
 
 from ftune.errors import FtuneError
 
@@ -55,9 +58,7 @@ def install() -> None:
     """Redact secrets from everything the process prints: plain writes via the wrapped streams,
     and rich's text before it is wrapped into lines (a secret split over two lines would slip
     past a stream filter)."""
-    import sys
 
-    from rich.console import Console
 
     if not isinstance(sys.stdout, RedactingStream):
         sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_baseline import run
+from bench_report import write_report
 from bench_workload import (
     ModelShape,
     Settings,
@@ -294,7 +296,6 @@ def main(argv: list[str] | None = None) -> None:
     args, s = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker == "baseline":
-        from bench_baseline import run
 
         print(MARK + json.dumps(run(s)), flush=True)
         return
@@ -306,7 +307,6 @@ def main(argv: list[str] | None = None) -> None:
     results = run_all(s, work)
     results["total_seconds"] = time.perf_counter() - start
     results["finished"] = time.strftime("%Y-%m-%d %H:%M")
-    from bench_report import write_report
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -35,11 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from bench_accuracy_data import build, write_jsonl
+from bench_accuracy_report import write_report
+from bench_baseline import held_out_loss, lora_config, sft_config
 from bench_workload import Settings, ftune_overrides, load_samples, model_folder, step_rows
 
 # The bench scripts run as scripts (`python scripts/<name>.py`), so Python puts scripts/ first on the
 # path and they import each other by name.
 from bench import run_process
+from ftune.config.compose import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "ACCURACY_RESULT "
@@ -57,7 +62,6 @@ def arm_overrides(s: Settings, seed: int, lr: float, train_file: Path, output_di
 
 
 def compose_cfg(overrides: list[str]):
-    from ftune.config.compose import compose
 
     return compose(overrides).cfg
 
@@ -66,8 +70,6 @@ def compose_cfg(overrides: list[str]):
 def train_baseline(s: Settings, overrides: list[str], out_dir: Path) -> dict:
     """SFTTrainer on ftune's rows in ftune's order; the adapter saved to out_dir."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from bench_baseline import held_out_loss, lora_config, sft_config
     from datasets import Dataset
     from trl import SFTTrainer
 
@@ -116,7 +118,6 @@ def score(adapter: str, test_file: Path, test_n: int, batch: int, max_new: int, 
     """Greedy answers to the first test_n test prompts with the adapter merged into the fp32 base
     (then cast to `dtype` for decoding)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -168,7 +169,6 @@ def answer_nll(model, tokenizer, rows: list[dict], prompts: list[list[int]], ord
                pad: int) -> dict[int, tuple[float, int]]:
     """Teacher-forced loss of each reference answer (its tokens and <|im_end|>) after its prompt:
     (sum of token losses, tokens), in the decoding dtype with fp32 log-softmax."""
-    import torch
 
     answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
     out = {}
@@ -272,7 +272,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
-    from bench_accuracy_data import build, write_jsonl
 
     if args.threads:
         THREAD_ENV["OMP_NUM_THREADS"] = str(args.threads)
@@ -331,7 +330,6 @@ def main(argv: list[str] | None = None) -> None:
         results["total_seconds"] = time.perf_counter() - t0
         results["finished"] = time.strftime("%Y-%m-%d %H:%M")
         _save(results, args.out)
-        from bench_accuracy_report import write_report
 
         (args.out / "accuracy.md").write_text(write_report(results))
     print(json.dumps(results["summary"], indent=2))
@@ -386,7 +384,6 @@ def merge(paths: list[Path], out: Path) -> None:
     results["finished"] = max(part.get("finished") or "" for part in parts)
     results["total_seconds"] = sum(part.get("total_seconds", 0) for part in parts)
     _save(results, out)
-    from bench_accuracy_report import write_report
 
     (out / "accuracy.md").write_text(write_report(results))
     print(json.dumps(results["summary"], indent=2))

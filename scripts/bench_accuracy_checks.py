@@ -23,7 +23,18 @@ from pathlib import Path
 
 import torch
 from bench_accuracy import DATA, arm_overrides, compose_cfg, render_prompts  # scripts/ is on the path (run as a script)
+from bench_baseline import lora_config, sft_config
 from bench_workload import Settings, load_samples, model_folder, step_rows
+
+from ftune.data import formats
+from ftune.data.build import tokenize_records
+from ftune.data.collate import collate, collate_padding_free
+from ftune.methods import apply as apply_method
+from ftune.methods.fused_lora import fuse_lora_layers
+from ftune.methods.peft_methods import keep_activation_dtype
+from ftune.models import load as model_load
+from ftune.train.objectives.causal_lm import causal_lm
+from ftune.train.run import seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
 IGNORE = -100
@@ -48,7 +59,6 @@ def attention_isolation(cfg, train_rows: list[dict], tok, base: str) -> dict:
     sample's fp32 logits there against the sample run alone (no adapter)."""
     from transformers import AutoModelForCausalLM
 
-    from ftune.data.collate import collate_padding_free
 
     steps = step_rows(len(train_rows), cfg, 60)
     rows_per_step = [collate_padding_free([train_rows[i] for i in st], tok.pad_token_id)["input_ids"].shape[0]
@@ -81,20 +91,10 @@ def attention_isolation(cfg, train_rows: list[dict], tok, base: str) -> dict:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench_baseline import lora_config, sft_config
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from ftune.data import formats
-    from ftune.data.build import tokenize_records
-    from ftune.data.collate import collate, collate_padding_free
-    from ftune.methods import apply as apply_method
-    from ftune.methods.fused_lora import fuse_lora_layers
-    from ftune.methods.peft_methods import keep_activation_dtype
-    from ftune.models import load as model_load
-    from ftune.train.objectives.causal_lm import causal_lm
-    from ftune.train.run import seed_everything
 
     out: dict = {}
     s = Settings(steps=60, batch=8, compile="false", seq_len=512)

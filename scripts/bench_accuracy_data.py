@@ -17,12 +17,15 @@ on both sides. Several prompts per distribution (different field sets, different
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import importlib.metadata as md
 import json
 import random
 import sys
 from pathlib import Path
+
+from bench_workload import Settings, compose_arm, model_folder
 
 # (answer key, METADATA header) of every field a task can ask for.
 FIELDS = {"name": "Name", "version": "Version", "summary": "Summary", "requires_python": "Requires-Python",
@@ -42,7 +45,6 @@ MAX_ANSWER_TOKENS = 96  # longer answers (long author lists) are left out: they 
 def site_dirs() -> list[str]:
     """The venv's own site-packages first, then other installations on this machine (more
     distinct distributions; a name seen earlier wins)."""
-    import glob
 
     own = [p for p in sys.path if p.endswith("site-packages")]
     others = sorted(glob.glob("/root/.pyenv/versions/*/lib/python3*/site-packages")
@@ -175,7 +177,6 @@ def main() -> None:
     args = p.parse_args()
     path = args.tokenizer
     if not path:
-        from bench_workload import Settings, compose_arm, model_folder  # scripts/ is on the path (run as a script)
 
         path = model_folder(compose_arm(Settings(), packed=False))
     train, test, dists = build(path)

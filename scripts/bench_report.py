@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bench_workload import Settings, ftune_overrides
+
 # Issue 8's targets for ftune against the baseline.
 TARGET_SPEEDUP, TARGET_MEMORY, TARGET_UTILISATION = 3.0, 0.6, 0.40
 LOSS_TOLERANCE = 0.02  # |final-loss difference| counted as "equal": bf16 runs differ by rounding alone
@@ -123,7 +125,6 @@ def flops_section(res: dict) -> list[str]:
 
 def commands(s: dict) -> list[str]:
     """The `ftune train` line of each ftune arm (scratch output folder left out)."""
-    from bench_workload import Settings, ftune_overrides
 
     settings = Settings(**{k: v for k, v in s.items() if k in Settings.__dataclass_fields__})
     out = []

@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 
+from ftune.config.compose import compose
+from ftune.data.build import build
+from ftune.data.order import DataOrder
+from ftune.models.load import load_tokenizer, resolve_model_path
+
 # The projections of a Llama decoder layer that LoRA can target, as (input, output) dimension
 # names; peft's "all-linear" means all seven (lm_head excluded).
 LLAMA_LINEARS = {
@@ -70,7 +75,6 @@ def ftune_overrides(s: Settings, packed: bool, output_dir: str = "outputs", run_
 
 def compose_arm(s: Settings, packed: bool) -> Any:
     """ftune's composed, validated config for one arm (nothing loaded)."""
-    from ftune.config.compose import compose
 
     return compose(ftune_overrides(s, packed)).cfg
 
@@ -78,7 +82,6 @@ def compose_arm(s: Settings, packed: bool) -> Any:
 def model_folder(cfg: Any) -> str:
     """The folder ftune loads the model from: for the shipped GGUF, ftune's cached safetensors
     conversion (made on first use, so this also works on a fresh machine)."""
-    from ftune.models.load import resolve_model_path
 
     return resolve_model_path(cfg.model)
 
@@ -86,8 +89,6 @@ def model_folder(cfg: Any) -> str:
 def load_samples(cfg: Any) -> tuple[list[dict], list[dict], Any]:
     """(train samples, held-out samples, tokenizer) exactly as `ftune train` builds them (and from
     the same cache)."""
-    from ftune.data.build import build
-    from ftune.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(model_folder(cfg), cfg.model)
     data = build(cfg.dataset, cfg.stage.name, cfg.train.seed, tokenizer)
@@ -97,7 +98,6 @@ def load_samples(cfg: Any) -> tuple[list[dict], list[dict], Any]:
 def step_rows(n_rows: int, cfg: Any, steps: int) -> list[list[int]]:
     """Row indices of every optimiser step, in ftune's own seeded data order (micro-batches of a
     step concatenated): the baseline is fed these rows in this order."""
-    from ftune.data.order import DataOrder
 
     order = DataOrder(n_rows, cfg.train.micro_batch_size, cfg.train.seed)
     per_step = cfg.train.grad_accum

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from ftune.models.load import resolve_model_path
+from ftune.models.runs import run_config
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "evaldemo"
 
@@ -42,8 +45,6 @@ def main() -> None:
     t_eval = times["eval"]
     if not (OUT / "merged" / "config.json").is_file():
         ftune("merge", f"run={OUT / 'sft'}", f"out={OUT / 'merged'}", "--overwrite")
-    from ftune.models.load import resolve_model_path
-    from ftune.models.runs import run_config
 
     base = resolve_model_path(run_config(OUT / "sft").model)
     t_cmp = ftune("eval", "--compare", str(OUT / "sft"), str(OUT / "merged"), base, f"judge={OUT / 'rm'}", "n=32",

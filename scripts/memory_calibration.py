@@ -12,13 +12,20 @@ the default model (SmolLM2-135M) the weights, optimiser, activation and logit te
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
+
+from ftune.config.compose import compose
+from ftune.models.load import resolve_model_path
+from ftune.plan import GIB, estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny model (tests/kill_resume.py, conftest.py)
+from kill_resume import tiny_model  # noqa: E402  (needs the tests folder on the path)
 
 QUICK = ["train.eval_every=0", "train.save_every=0", "train.sample_max_new_tokens=0",
          "dataset.eval_max_rows=8", "train.tensorboard=false"]
@@ -56,13 +63,9 @@ CONFIGS = {
 def variable_length_rows(path: Path, rows: int = 2000, low: int = 150, high: int = 500) -> Path:
     """Alpaca rows whose rendered samples are `low`-`high` tokens long: spans of the installed
     packages' descriptions, cut with the default model's tokenizer (deterministic for one venv)."""
-    import random
-    from importlib import metadata
 
     from transformers import AutoTokenizer
 
-    from ftune.config.compose import compose
-    from ftune.models.load import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(compose([]).cfg.model))
     texts = []
@@ -83,10 +86,7 @@ def variable_length_rows(path: Path, rows: int = 2000, low: int = 150, high: int
 
 
 def main() -> None:
-    from kill_resume import tiny_model  # the same tiny model as the kill/resume harness
 
-    from ftune.config.compose import compose
-    from ftune.plan import GIB, estimate
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

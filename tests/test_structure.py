@@ -109,3 +109,41 @@ def test_no_module_outside_the_stages_names_a_stage():
     old = ['cfg.stage.name == "dpo"', 'stage in ("pt", "sft")', 'if stage != "ppo": pass']
     for text in old:  # the check catches the patterns it replaced
         assert any(_names_a_stage(n, stages) for n in ast.walk(ast.parse(text))), text
+
+
+# Modules a function may import late: optional extras, or imports slow enough (0.5-7 s: peft pulls
+# bitsandbytes, transformers' model classes, accelerate, torch's compiler and distributed stack)
+# that config checks, `ftune plan` and the error paths should not pay for them.
+DEFERRED = ("peft", "transformers", "bitsandbytes", "lm_eval", "llama_cpp", "vllm", "gguf", "matplotlib",
+            "triton", "flash_attn", "datasets", "torch._dynamo", "torch._inductor", "torch.distributed",
+            "torch.utils.tensorboard", "deepspeed", "pyarrow", "accelerate", "trl", "liger_kernel",
+            "huggingface_hub")
+
+
+def _late_imports(source: str) -> list[tuple[int, str]]:
+    """(line, module) of each import inside a function whose module is not in DEFERRED."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or "."] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if not any(name == d or name.startswith(d + ".") for d in DEFERRED):
+                    found.append((node.lineno, name))
+    return found
+
+
+def test_imports_inside_functions_only_for_optional_or_slow_dependencies():
+    """Everything else is imported at the top, where a reader sees a module's dependencies. The CLI
+    is the exception: it imports a command's modules when the command runs, so `ftune --help` and
+    a config error answer in a fraction of a second."""
+    offenders = []
+    for path in sorted([*(ROOT / "ftune").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        if path.name == "cli.py":
+            continue
+        offenders += [f"{path.relative_to(ROOT)}:{line} {name}" for line, name in _late_imports(path.read_text())]
+    assert not offenders, offenders
+    assert _late_imports("def f():\n    import json\n    from ftune import errors\n") == [(2, "json"), (3, "ftune")]
+    assert _late_imports("def f():\n    import peft\n    from transformers import AutoConfig\n") == []

@@ -11,7 +11,11 @@ as they load (the way installed plugins are found by name through entry points).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, TypeVar
+
+from ftune.registry import Registry
+
+T = TypeVar("T")
 
 # Packages whose modules register schemas when imported.
 PLUGIN_PACKAGES = ("ftune.methods", "ftune.train.objectives", "ftune.data.formats")
@@ -40,3 +44,19 @@ def schemas(group: str) -> dict[str, Any]:
     plugin loaded."""
     discover()
     return dict(_SCHEMAS.get(group, {}))
+
+
+class Plugins(Registry[T]):
+    """The specs of one plugin group (methods, stages): each spec has a `name` and a `schema`.
+
+    `add` registers a spec and its schema in one call, so the group's code and its config cannot
+    drift apart; `of` finds the spec of a config section (or of a bare name)."""
+
+    def add(self, spec: T) -> T:
+        name = spec.name  # type: ignore[attr-defined]
+        self.register(name)(spec)
+        register_schema(self.kind, name, spec.schema)  # type: ignore[attr-defined]
+        return spec
+
+    def of(self, section: Any) -> T:
+        return self.get(section if isinstance(section, str) else section.name, key=self.kind)

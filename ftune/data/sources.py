@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -77,7 +78,6 @@ def _read_json(path: Path, bad: BadRows = FAIL) -> list[dict]:
 
 
 def _read_csv(path: Path, bad: BadRows = FAIL) -> list[dict]:
-    import io
 
     return [dict(row) for row in csv.DictReader(io.StringIO(_text(path), newline=""))]
 

@@ -8,10 +8,13 @@ at a time, and the text each assistant message adds is what gets trained.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from ftune import resources
 from ftune.errors import FtuneError
@@ -107,7 +110,6 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> 
     """The tokenizer's own Jinja chat template. transformers renders it in Jinja's immutable
     sandbox, so a template cannot reach Python internals; a refused or broken template becomes an
     FtuneError instead of a traceback."""
-    import jinja2
 
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
@@ -181,7 +183,6 @@ def to_jinja(template: Template, tokenizer: Any) -> str:
     that read the tokenizer's chat template (a merged model, GGUF files, vLLM, ollama). Literal
     text is emitted as quoted strings, so no whitespace control can change it; the tokenizer's
     BOS/EOS are filled in now."""
-    import json
 
     def expr(fmt: str) -> str:
         values = {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}

@@ -21,12 +21,15 @@ acc_norm), generation by greedy decoding and exact match (case and punctuation i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from ftune.errors import FtuneError
 from ftune.resources import data_root, eval_tasks_dir
@@ -69,7 +72,6 @@ def require_lm_eval() -> None:
 
 def load_task_config(spec: str) -> LocalTask:
     """A task config by path, or by name from the shipped eval_tasks/."""
-    from omegaconf import OmegaConf
 
 
     path = Path(spec)
@@ -212,7 +214,6 @@ def _check_available(tasks: list[Any]) -> None:
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if isinstance(t, str) and t not in known]
     if unknown:
-        import difflib
 
         close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=3)]
         raise FtuneError(f"benchmarks: unknown task(s) {', '.join(unknown)}",

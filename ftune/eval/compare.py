@@ -10,6 +10,7 @@ interval from resampling the prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -80,7 +81,6 @@ def _answers(entry: str, cfg: Any, prompts: list, max_new: int, device: torch.de
             raise FtuneError(f"--compare: {entry} is a reward model run; it can judge (judge=…), not answer")
         model, tokenizer, _ = load_run(Path(entry), device)
     else:
-        import dataclasses
 
 
         if not Path(entry).exists():

@@ -36,8 +36,16 @@ from ftune.errors import FtuneError
 from ftune.eval import benchmarks
 from ftune.eval.plots import summary_plot
 from ftune.methods.runs import load_model, load_run
-from ftune.models.runs import is_run_dir, run_config
-from ftune.train.api import evaluate_all, make_accelerator, objective_for, reference_reward, reward_function
+from ftune.models.runs import is_run_dir, run_config, trained_folder
+from ftune.train.api import (
+    WithScalarHead,
+    evaluate_all,
+    load_head,
+    make_accelerator,
+    objective_for,
+    reference_reward,
+    reward_function,
+)
 
 LEAKS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "### Instruction",
          "### Response", "<|endoftext|>", "<s>", "</s>", "<|user|>", "<|assistant|>")
@@ -158,8 +166,6 @@ def load_subject(sub: Subject, device: torch.device) -> tuple[Any, Any]:
 
     model, tokenizer, _ = load_run(sub.run_dir, device)
     if sub.cfg.stage.scalar_head == "reward":  # a reward model is scored through its head
-        from ftune.models.runs import trained_folder
-        from ftune.train.api import WithScalarHead, load_head
 
         model = WithScalarHead(model)
         load_head(model, trained_folder(sub.run_dir, sub.cfg))
@@ -201,7 +207,6 @@ def measure(model: Any, tokenizer: Any, sub: Subject, data: Any, prompts: list, 
                 g["reward"] = float(s)
             out["reward"] = sum(scores) / len(scores)
     if plan is not None and cfg.stage.answers:
-        from ftune.eval import benchmarks
 
         out["benchmarks"] = benchmarks.run(plan, model, tokenizer, cfg.train.micro_batch_size, opts.limit, opts.chat)
     return out

@@ -21,6 +21,7 @@ import torch
 
 from ftune.errors import FtuneError
 from ftune.export.gguf_writer import NATIVE, write_gguf
+from ftune.export.merge import merge_run
 from ftune.models.runs import is_run_dir
 
 # llama.cpp file types (llama.h, enum llama_ftype) of the k-quants.
@@ -155,7 +156,6 @@ def export(source: str | Path, quant: str = "q8_0", out: str | Path | None = Non
     with tempfile.TemporaryDirectory(prefix="ftune-export-") as tmp:
         folder = source
         if is_run_dir(source):
-            from ftune.export.merge import merge_run
 
             folder = merge_run(source, Path(tmp) / "merged", dtype="float32")
         elif not (source / "config.json").is_file():

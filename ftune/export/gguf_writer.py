@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from ftune.errors import FtuneError
 from ftune.export.merge import QALORA_GROUPS
@@ -119,7 +121,6 @@ def qalora_groups(folder: Path, quant: str, notes: list[str]) -> dict[str, tuple
     Empty when the folder has none, the type is not q4_1, or the groups do not fill q4_1 blocks; the
     last two add a note, since the user asked for a 4-bit type and gets a re-quantised one.
     """
-    from safetensors.numpy import load_file
 
 
     path = folder / QALORA_GROUPS
@@ -231,7 +232,6 @@ def write_tokenizer(writer: Any, folder: Path, tokenizer: Any, config: dict) -> 
 def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Written:
     """Write `folder` (a Hugging Face model folder) as a GGUF file at `out`."""
     import gguf
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     folder, out = Path(folder), Path(out)
@@ -297,7 +297,6 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "q8_0") -> Writ
 def check_groups(files: list[Path], groups: dict[str, tuple[np.ndarray, ...]]) -> None:
     """Every QA-LoRA layer must be a weight of the same shape in the folder: a groups file left from
     another merge (or a model edited after merging) would otherwise put the wrong weights in the GGUF."""
-    from safetensors import safe_open
 
     if not groups:
         return

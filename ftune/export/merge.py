@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ftune.data.templates import load_template, stop_token_ids, to_jinja
 from ftune.errors import FtuneError
@@ -137,7 +138,6 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, dtype: str = "
     meta = {"run": str(run_dir), "base_model": saved.model.path, "method": saved.method.name,
             "stage": saved.stage.name, "dtype": dtype, "template": saved.dataset.template}
     if groups:
-        from safetensors.torch import save_file
 
         (tmp / QALORA_GROUPS).parent.mkdir()
         save_file(groups, str(tmp / QALORA_GROUPS))

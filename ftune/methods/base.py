@@ -15,9 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from ftune.config.registry import register_schema
+from ftune.config.registry import Plugins
 from ftune.errors import FtuneError
-from ftune.registry import Registry
 
 
 @dataclass
@@ -91,19 +90,9 @@ class MethodSpec:
         return self.schema.name
 
 
-SPECS: Registry[MethodSpec] = Registry("method")
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    """Make a method known to the config layer (its schema) and to everything else (its spec)."""
-    SPECS.register(spec.name)(spec)
-    register_schema("method", spec.name, spec.schema)
-    return spec
-
-
-def spec_of(method: Any) -> MethodSpec:
-    """The spec of a method config (or of a method name)."""
-    return SPECS.get(method if isinstance(method, str) else method.name, key="method")
+SPECS: Plugins[MethodSpec] = Plugins("method")
+register = SPECS.add  # a method module calls this once: its schema and its spec
+spec_of = SPECS.of
 
 
 def apply(model: Any, cfg: Any, setup: Setup) -> Any:

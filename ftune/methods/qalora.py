@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ftune.config.methods_schema import MethodConfig
@@ -166,7 +169,6 @@ def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def save_base_state(model: Any, folder: Path, bits: int) -> Path:
     """The codes, scales and zero-points of every QA-LoRA layer, keyed by the layer's module name."""
-    from safetensors.torch import save_file
 
     tensors, sources = {}, set()
     for name, module in model.named_modules():
@@ -203,7 +205,6 @@ class SavedGroups:
     """A base state file, turned into GroupQuantLinear layers by the module name of each target linear."""
 
     def __init__(self, model: Any, group_size: int, path: Path):
-        from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             self.meta = f.metadata() or {}
@@ -240,7 +241,6 @@ class SavedGroups:
 
 def _requantise_dtype(folder: Path) -> torch.dtype | None:
     """The dtype the run behind `folder` loaded its base in (None: unknown), with a note to the user."""
-    from rich.console import Console
 
 
     run_dir = folder.parent

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from ftune import resources, safety
 from ftune.config.schema import FtuneConfig, ModelConfig
@@ -81,7 +82,6 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     if cfg.trust_remote_code:
-        from rich.console import Console
 
         safety.note_remote_code(Console(stderr=True), path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

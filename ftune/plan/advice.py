@@ -3,6 +3,7 @@ changes that would fit, the printed breakdown and the preflight before training.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -49,7 +50,6 @@ def resolve_checkpointing(cfg: Any, shape: Shape | None = None, trainable: int |
 
 def knobs(cfg: Any, shape: Shape) -> list[str]:
     """Overrides that would make the run fit, each with its estimate (tried one at a time)."""
-    import copy
 
 
     def change(label: str, **settings: Any) -> None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ftune.errors import FtuneError
 from ftune.models.load import resolve_model_path
 from ftune.models.runs import is_run_dir
@@ -281,7 +283,6 @@ def _attention(cfg: Any, cuda: bool) -> str:
     """The training forward's attention, decided as the run decides it (ftune.runtime). The step
     count is max_steps; an epoch-sized run's is known only once its data is read, and counts as
     long enough to compile (the larger estimate)."""
-    import torch
 
 
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else None
@@ -298,7 +299,6 @@ def _device_memory(cuda: bool, processes_sharing: int) -> float:
     """Memory one process may use: the GPU's total, or the machine's available RAM split among the
     processes on it (0 when unknown: the check then passes)."""
     if cuda:
-        import torch
 
         return float(torch.cuda.mem_get_info(0)[1]) if torch.cuda.is_available() else 0.0
     try:

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ftune.errors import FtuneError
-from ftune.methods import Setup, apply
+from ftune.methods import Setup, apply, spec_of
 from ftune.models.load import resolve_model_path
 from ftune.models.runs import is_run_dir, run_config
 
@@ -99,7 +101,6 @@ def trainable_params(cfg: Any, shape: Shape) -> int:
 
 
 def _meta_count(cfg: Any) -> int:
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
 
@@ -108,7 +109,6 @@ def _meta_count(cfg: Any) -> int:
         model = AutoModelForCausalLM.from_config(config)
         meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="none"))
         if cfg.method.counted_as:  # e.g. QLoRA: LoRA's adapter; its 4-bit base is counted with the weights
-            from ftune.methods import spec_of
 
             schema = spec_of(cfg.method.counted_as).schema
             fields = {f.name for f in dataclasses.fields(schema)}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 from ftune.data import templates
 from ftune.errors import FtuneError
@@ -38,7 +39,6 @@ class AdapterPool:
 
     def __init__(self, runs: list[str | Path], max_loaded: int = 4, device: str = "auto"):
         from peft import PeftConfig, get_peft_model
-        from safetensors.torch import load_file
 
 
         if not runs:

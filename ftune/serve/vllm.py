@@ -10,10 +10,13 @@ picks the adapter, exactly as with ftune's own engine. Needs CUDA and the vllm p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
 from pathlib import Path
+
+import torch
 
 from ftune.data import templates
 from ftune.errors import FtuneError
@@ -78,9 +81,7 @@ def command(runs: list[str], host: str, port: int, max_loaded: int, template_dir
 
 
 def check_available() -> None:
-    import importlib.util
 
-    import torch
 
     problems = []
     if not torch.cuda.is_available():

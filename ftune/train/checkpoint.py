@@ -7,10 +7,12 @@ the optimiser and scheduler states, every RNG state and the step. The data order
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -58,7 +59,6 @@ def _pause_for_tests() -> None:
     kill/resume harness (tests/kill_resume.py) can kill inside writes."""
     delay = float(os.environ.get("FTUNE_CHECKPOINT_DELAY", "0") or 0)
     if delay > 0:
-        import time
 
         time.sleep(delay)
 

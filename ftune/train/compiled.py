@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ftune.errors import FtuneError
 from ftune.runtime import decoder_layers
 
 
@@ -73,7 +74,6 @@ def compile_layers(model: Any, strict: bool = False) -> int:
             except errors as exc:
                 reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 if strict:
-                    from ftune.errors import FtuneError
 
                     raise FtuneError("hardware.compile=true: torch.compile failed on the decoder layer", [reason],
                                      "Set hardware.compile=false (or auto, which falls back to eager).") from None

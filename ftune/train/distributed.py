@@ -15,14 +15,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ftune.errors import FtuneError
 from ftune.runtime import decoder_layers, processes_per_node
@@ -52,7 +57,6 @@ def unwrap_parallel(model: Any) -> Any:
     """The model inside a DDP (or DeepSpeed) wrapper. The wrappers forward only forward(): the
     wrapped model's own methods (peft's disable_adapter, generate, a scalar head's scores) are
     reached through this, never by hasattr on what accelerator.prepare returned."""
-    from torch.nn.parallel import DistributedDataParallel
 
     while isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
         model = model.module
@@ -101,7 +105,6 @@ def launch_command(cfg: Any, overrides: list[str]) -> tuple[list[str], dict[str,
         cmd += ["--standalone"]  # one machine: torchrun picks a free port
     # Every process must write to the same run directory: fix its name now, not per process.
     if not any(o.startswith("train.run_name=") for o in overrides) and cfg.train.resume.lower() in ("false", "no", "0", ""):
-        import time
 
         overrides = [*overrides, f"train.run_name={cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"]
     cmd += ["-m", "ftune.cli", "train", *overrides]
@@ -123,7 +126,6 @@ def relaunch(cmd: list[str], env: dict[str, str], debug: bool = False) -> tuple[
 
     With `debug` it is plain torchrun with every traceback; otherwise ftune.train.torchrun, which
     leaves out the launcher's own traceback (the failed process's panel says what happened)."""
-    import tempfile
 
     if not debug and cmd[1:3] == ["-m", "torch.distributed.run"]:
         cmd = [cmd[0], "-m", "ftune.train.torchrun", *cmd[3:]]
@@ -135,8 +137,6 @@ def relaunch(cmd: list[str], env: dict[str, str], debug: bool = False) -> tuple[
 def report_error(title: str, text: str) -> bool:
     """In a relaunched process: leave the error for the launching command instead of printing it
     (every rank would print its own copy). False when there is no launching command to read it."""
-    import json
-    import time
 
     folder = os.environ.get(ERROR_DIR)
     if not folder or not in_launcher() or not os.path.isdir(folder):
@@ -151,8 +151,6 @@ def report_error(title: str, text: str) -> bool:
 
 def first_error(folder: str) -> dict | None:
     """The error reported first (the cause; later ones are usually the other ranks losing it)."""
-    import json
-    from pathlib import Path
 
     records = [json.loads(p.read_text()) for p in Path(folder).glob("rank-*.json")]
     return min(records, key=lambda r: (r["time"], r["rank"])) if records else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -328,7 +329,6 @@ def peak_memory_gib(device: torch.device) -> float:
     """This process's peak: allocated CUDA memory on a GPU, resident set size (RSS) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 

@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
+
 from ftune.train import distributed
 
 
@@ -50,7 +52,6 @@ def on_signals() -> Iterator[dict[str, Any]]:
 
 def requested(state: dict[str, Any], accelerator: Any) -> bool:
     """True when any process got a signal (all processes must stop at the same step)."""
-    import torch
 
 
     mine = state["signal"] is not None

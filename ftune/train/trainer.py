@@ -18,6 +18,7 @@ import torch
 
 from ftune.config.schema import TrainConfig
 from ftune.data.order import DataOrder
+from ftune.errors import FtuneError
 from ftune.methods import StepHooks
 from ftune.train import checkpoint, distributed, stopping
 from ftune.train.heads import WithScalarHead, unwrap_head
@@ -215,7 +216,6 @@ def _one_step(parts: LoopParts, cfg: TrainConfig, state: FitState, log: MetricsL
     if metrics.pop("nonfinite", 0.0):
         where = _rows_of(source, state.step, cfg)
         if cfg.on_nonfinite == "stop":
-            from ftune.errors import FtuneError
 
             raise FtuneError(f"step {state.step + 1}: the loss or gradient norm is not finite "
                              f"(loss {metrics['loss']}, {', '.join(f'{k} {v}' for k, v in metrics.items() if 'norm' in k)})",

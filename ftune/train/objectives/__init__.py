@@ -28,9 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
-from ftune.config.registry import register_schema
+from ftune.config.registry import Plugins
 from ftune.data.collate import collate, collate_padding_free, collate_varlen
-from ftune.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,9 @@ class StageSpec:
         return self.schema.name
 
 
-STAGES: Registry[StageSpec] = Registry("stage")
-
-
-def register(spec: StageSpec) -> StageSpec:
-    """Make a stage known to the config layer (its schema) and to the run (its spec)."""
-    STAGES.register(spec.name)(spec)
-    register_schema("stage", spec.name, spec.schema)
-    return spec
-
-
-def spec_of(stage: Any) -> StageSpec:
-    return STAGES.get(stage if isinstance(stage, str) else stage.name, key="stage")
+STAGES: Plugins[StageSpec] = Plugins("stage")
+register = STAGES.add  # a stage module calls this once: its schema and its spec
+spec_of = STAGES.of
 
 
 def get(stage: Any, dataset: Any = None, model: Any = None) -> Objective:

@@ -11,6 +11,7 @@ be checked against the papers on plain numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -209,7 +210,6 @@ def prepare_reference(cfg: Any, model: Any, data: Any, pad: int, device: Any, ac
     stage = cfg.stage
     if stage.loss in REFERENCE_FREE or not (stage.reference or stage.precompute_reference):
         return None
-    import dataclasses
 
 
     kto, mbs = stage.loss == "kto", cfg.train.micro_batch_size
