@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ftune import resources
 from ftune.config.registry import schemas
@@ -97,6 +98,23 @@ def _check_method(cfg: FtuneConfig, problems: list[str]) -> None:
     problems += cfg.method.problems(cfg)  # each method's own rules, in its module
 
 
+def _check_columns(problems: list[str], key: str, fmt: str, columns: dict[str, str], fields: Any) -> None:
+    """`columns` maps the format's fields to the file's column names; a key that is no field of
+    the format would be ignored, so it is refused (and a mapping written the other way round is
+    recognised)."""
+    if fields is None:
+        return
+    for field_name, column in columns.items():
+        if field_name in fields:
+            continue
+        if column in fields:
+            problems.append(f"{key}.columns: '{field_name}: {column}' is the other way round; write "
+                            f"'{column}: {field_name}' (format field: your column name)")
+        else:
+            problems.append(f"{key}.columns: '{field_name}' is not a field of format={fmt} (its fields: "
+                            f"{', '.join(fields)}); write <field>: <your column name>")
+
+
 def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
     d, formats = cfg.dataset, sorted(schemas("format"))
     if not d.sources:
@@ -106,6 +124,7 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         _choice(problems, f"{key}.format", src.format, formats)
         if src.weight <= 0:
             problems.append(f"{key}.weight must be > 0 (got {src.weight})")
+        _check_columns(problems, key, src.format, dict(src.columns), schemas("format").get(src.format))
         path = resources.resolve_path(src.path)
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():

@@ -29,6 +29,11 @@ from ftune.yamlfile import read_mapping
 
 DEFAULT_RECIPE = "smollm2-lora-sft"
 GROUPS = ("model", "method", "dataset", "stage", "hardware")
+# Groups whose schema depends on the file's `name` (a method's or stage's own knobs); the others
+# have one schema each.
+NAMED_SCHEMA_GROUPS = ("method", "stage")
+# Keys holding free maps (the user's own column and role names): an override may add a key there.
+FREE_MAPS = ("columns", "roles", "message_keys")
 
 
 _stored = False
@@ -99,8 +104,42 @@ def _check_names(recipe: str | None, overrides: list[str]) -> None:
         raise unknown_name_error("recipe", recipe, recipe_names(), key="recipe")
     for item in overrides:
         key, _, value = item.partition("=")
-        if key in GROUPS and value not in group_choices(key):
+        if key in GROUPS and not is_recipe_file(value) and value not in group_choices(key):
             raise unknown_name_error(key, value, group_choices(key), key=key)
+
+
+def _user_group_file(group: str, path_text: str, folder: Path) -> str:
+    """Copy a group file of the user's (dataset=/path/my-data.yaml) into folder/<group>/ on the
+    second search path, with the group's schema as its first default when the file names none, so
+    it is checked exactly like a shipped file; returns its name there."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise FtuneError(f"{group}={path_text}: file does not exist",
+                         hint=f"Give a {group} file (.yaml) or a shipped name (ls configs/{group}/; `ftune config show`).")
+    data = read_mapping(path, f"a {group} config")
+    schema = group
+    if group in NAMED_SCHEMA_GROUPS:
+        schema = str(data.get("name") or "")
+        known = all_schemas()[group]
+        if schema not in known:
+            raise (unknown_name_error(group, schema, known, key=f"{path}: name") if schema else
+                   FtuneError(f"{path}: no 'name' key", [f"a {group} file says which {group} it configures"],
+                              f"Add e.g. name: {sorted(known)[0]} (one of: {', '.join(sorted(known))})."))
+    text = path.read_text(encoding="utf-8")
+    if "defaults" not in data:
+        text = f"defaults:\n  - /schema/{group}/{schema}@_here_\n  - _self_\n" + text
+    stem = f"user-{path.stem}"
+    (folder / group).mkdir(exist_ok=True)
+    (folder / group / f"{stem}.yaml").write_text(text)
+    return stem
+
+
+def _free_map_override(item: str) -> str:
+    """`dataset.sources.0.columns.prompt=question` adds a key to a free map, which Hydra's struct
+    mode refuses unless the override says so (`++`: add or replace)."""
+    key = item.partition("=")[0]
+    parts = key.split(".")
+    return f"++{item}" if len(parts) >= 2 and parts[-2] in FREE_MAPS else item
 
 
 def _hydra_error(exc: Exception, recipe: str = "") -> FtuneError:
@@ -160,7 +199,16 @@ def compose(overrides: list[str] | None = None) -> Composed:
             name = _user_recipe(recipe, Path(extra))
             search.append(Path(extra))
         _check_names(name if not is_recipe_file(recipe) else None, rest)
-        hydra_overrides = [f"hydra.searchpath=[{','.join(f'file://{p}' for p in search)}]", f"+recipes={name}", *rest]
+        hydra_rest = []
+        for item in rest:
+            key, _, value = item.partition("=")
+            if key in GROUPS and is_recipe_file(value):
+                item = f"{key}={_user_group_file(key, value, Path(extra))}"
+                if Path(extra) not in search:
+                    search.append(Path(extra))
+            hydra_rest.append(_free_map_override(item))
+        hydra_overrides = [f"hydra.searchpath=[{','.join(f'file://{p}' for p in search)}]", f"+recipes={name}",
+                           *hydra_rest]
         try:
             with initialize_config_dir(config_dir=str(resources.configs_dir()), version_base=None):
                 raw = hydra_compose(config_name="config", overrides=hydra_overrides)

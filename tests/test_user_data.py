@@ -1,0 +1,75 @@
+"""The data people already have, used with config only: group files outside the package, column
+and role maps on the command line, other tools' layouts (LLaMA-Factory, axolotl, OpenAI), tool
+calls, reasoning, raw corpora. Each layout is a small file written here in that tool's documented
+shape; expected records and masks are written out by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftune.config.compose import compose
+from ftune.errors import FtuneError
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+QA = [{"q": "What is 2+2?", "a": "4"}, {"q": "Capital of Peru?", "a": "Lima"}, {"q": "Capital of France?", "a": "Paris"}]
+
+
+# ----------------------------------------------------------------------------- group files outside the package
+def test_dataset_file_outside_the_package(tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    (tmp_path / "my-data.yaml").write_text(
+        f"name: my-data\nsources:\n  - path: {data}\n    format: qa\n    columns: {{question: q, answer: a}}\nmax_seq_len: 128\n")
+    cfg = compose([f"dataset={tmp_path / 'my-data.yaml'}"]).cfg
+    assert cfg.dataset.name == "my-data" and cfg.dataset.max_seq_len == 128
+    assert cfg.dataset.sources[0].path == str(data) and dict(cfg.dataset.sources[0].columns) == {"question": "q", "answer": "a"}
+    assert cfg.dataset.eval_fraction == 0.1  # the schema's default fills what the file leaves out
+
+
+def test_every_group_takes_a_file(tmp_path):
+    (tmp_path / "m.yaml").write_text("name: lora\nr: 4\nalpha: 8\n")
+    (tmp_path / "s.yaml").write_text("name: sft\n")
+    (tmp_path / "h.yaml").write_text("name: mine\nprecision: fp32\n")
+    cfg = compose([f"method={tmp_path / 'm.yaml'}", f"stage={tmp_path / 's.yaml'}", f"hardware={tmp_path / 'h.yaml'}"]).cfg
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha) == ("lora", 4, 8)
+    assert cfg.hardware.name == "mine" and cfg.hardware.precision == "fp32" and cfg.stage.name == "sft"
+
+
+def test_group_file_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(FtuneError, match="does not exist"):
+        compose([f"dataset={tmp_path / 'nope.yaml'}"])
+    (tmp_path / "m.yaml").write_text("r: 4\n")
+    with pytest.raises(FtuneError, match="no 'name' key") as err:
+        compose([f"method={tmp_path / 'm.yaml'}"])
+    assert "name: " in err.value.hint
+    (tmp_path / "m.yaml").write_text("name: lroa\n")
+    with pytest.raises(FtuneError, match=r"m.yaml: name: unknown method 'lroa'.*Did you mean 'lora'"):
+        compose([f"method={tmp_path / 'm.yaml'}"])
+    (tmp_path / "d.yaml").write_text("name: x\nsources: [{path: a.jsonl}]\nmax_seq_lenn: 3\n")
+    with pytest.raises(FtuneError, match="max_seq_lenn"):
+        compose([f"dataset={tmp_path / 'd.yaml'}"])
+
+
+# ----------------------------------------------------------------------------- free maps on the command line
+def test_columns_set_on_the_command_line(tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    cfg = compose([f"dataset.sources.0.path={data}", "dataset.sources.0.format=qa",
+                   "dataset.sources.0.columns.question=q", "dataset.sources.0.columns.answer=a"]).cfg
+    assert dict(cfg.dataset.sources[0].columns) == {"question": "q", "answer": "a"}
+
+
+def test_columns_naming_no_field_of_the_format_are_refused(tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    with pytest.raises(FtuneError) as err:
+        compose([f"dataset.sources.0.path={data}", "dataset.sources.0.format=qa", "dataset.sources.0.columns.q=question"])
+    text = str(err.value)
+    assert "dataset.sources[0].columns: 'q: question' is the other way round; write 'question: q'" in text
+    with pytest.raises(FtuneError, match=r"columns: 'prompt' is not a field of format=qa \(its fields: question, answer"):
+        compose([f"dataset.sources.0.path={data}", "dataset.sources.0.format=qa", "dataset.sources.0.columns.prompt=q"])
