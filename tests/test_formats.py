@@ -204,7 +204,8 @@ def test_alpaca_missing_output_names_row_and_column():
     err = bad([GOOD_ALPACA, GOOD_ALPACA, {"instruction": "no answer"}], "alpaca")
     assert err.title == f"{WHERE}, row 3: column 'output' is missing or empty"
     assert "row 3" in str(err) and "'output'" in str(err)
-    assert any("instruction, input, output, system, history" in p for p in err.problems)
+    # required and optional columns told apart (an optional one listed as expected misleads)
+    assert "format=alpaca needs instruction, output; optional: input, system, history" in err.problems
     assert any(p == "the row has columns: instruction" for p in err.problems)
     assert "columns" in (err.hint or "")
 
@@ -252,7 +253,8 @@ def test_qa_missing_answer():
 def test_messages_unknown_role():
     rows = [{"messages": [user("u"), bot("a")]}, {"messages": [user("u"), {"role": "bot", "content": "a"}]}]
     err = bad(rows, "messages")
-    assert err.title == f"{WHERE}, row 2: messages[1].role='bot' is not one of assistant, system, user"
+    assert err.title.startswith(f"{WHERE}, row 2: messages[1].role='bot' is not one of assistant, ")
+    assert "map it with dataset.sources[i].roles, e.g. {assistant: bot}" in err.title
 
 
 def test_messages_without_assistant_turn():
@@ -262,7 +264,7 @@ def test_messages_without_assistant_turn():
 
 def test_messages_non_string_content():
     err = bad([{"messages": [user("u"), {"role": "assistant", "content": ["a"]}]}], "messages")
-    assert err.title == f"{WHERE}, row 1: messages[1].content must be text"
+    assert err.title == f"{WHERE}, row 1: messages[1].content must be text (got a list of 1)"
 
 
 @pytest.mark.parametrize("value", [None, [], "text", {"role": "user"}])
@@ -273,7 +275,8 @@ def test_messages_column_not_a_list_of_turns(value):
 
 def test_messages_turn_without_content():
     err = bad([{"messages": [{"role": "user"}]}], "messages")
-    assert err.title == f"{WHERE}, row 1: messages[0] must have 'role' and 'content'"
+    assert err.title == (f"{WHERE}, row 1: messages[0] must have 'role' and 'content' (got an object with keys "
+                         "role; map other keys with dataset.sources[i].message_keys)")
 
 
 def test_sharegpt_errors():
@@ -285,7 +288,7 @@ def test_sharegpt_errors():
     err = bad([{"conversations": [{"from": "human", "value": "u"}]}], "sharegpt")
     assert err.title == f"{WHERE}, row 1: the conversation has no assistant turn to train on"
     err = bad([{"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]}], "sharegpt")
-    assert err.title == f"{WHERE}, row 1: conversations[0].value must be text"
+    assert err.title == f"{WHERE}, row 1: conversations[0].value must be text (got int)"
     err = bad([{"messages": []}], "sharegpt")
     assert "row 1" in err.title and "'conversations'" in err.title
     assert "the row has columns: messages" in err.problems

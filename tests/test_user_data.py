@@ -73,3 +73,83 @@ def test_columns_naming_no_field_of_the_format_are_refused(tmp_path):
     assert "dataset.sources[0].columns: 'q: question' is the other way round; write 'question: q'" in text
     with pytest.raises(FtuneError, match=r"columns: 'prompt' is not a field of format=qa \(its fields: question, answer"):
         compose([f"dataset.sources.0.path={data}", "dataset.sources.0.format=qa", "dataset.sources.0.columns.prompt=q"])
+
+
+# ----------------------------------------------------------------------------- conversations: keys and roles
+from ftune.config.schema import DatasetConfig, SourceConfig  # noqa: E402
+from ftune.data import formats, templates  # noqa: E402
+from ftune.data.build import build, split_records, tokenize_records  # noqa: E402
+from ftune.data.tokenize import IGNORE  # noqa: E402
+
+
+def records(rows: list[dict], fmt: str, **source) -> list[dict]:
+    layout = formats.Layout(source.pop("message_keys", {}), source.pop("roles", {}))
+    return formats.to_records(rows, fmt, source.pop("columns", {}), source.pop("system", None), "src", layout=layout)
+
+
+def user(c):
+    return {"role": "user", "content": c}
+
+
+def bot(c, **extra):
+    return {"role": "assistant", "content": c, **extra}
+
+
+def test_axolotl_style_keys_and_roles():
+    """axolotl's message_property_mappings / roles, LLaMA-Factory's role_tag/content_tag/user_tag…"""
+    row = {"dialog": [{"speaker": "customer", "text": "My order is late."}, {"speaker": "agent", "text": "Sorry!"}]}
+    got = records([row], "sharegpt", columns={"conversations": "dialog"},
+                  message_keys={"role": "speaker", "content": "text"}, roles={"user": "customer", "assistant": ["agent", "bot"]})
+    assert got == [{"messages": [user("My order is late."), bot("Sorry!")]}]
+
+
+def test_either_key_set_is_read_in_either_layout():
+    # LLaMA-Factory's sharegpt layout with OpenAI tags, and OpenAI messages written with from/value
+    conv = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    assert records([{"conversations": conv}], "sharegpt") == [{"messages": [user("u"), bot("a")]}]
+    conv = [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]
+    assert records([{"messages": conv}], "messages") == [{"messages": [user("u"), bot("a")]}]
+
+
+def test_unknown_role_names_the_fix():
+    with pytest.raises(FtuneError, match=r"conversations\[1\].from='agent' is not one of .*roles, e.g. \{assistant: agent\}"):
+        records([{"conversations": [{"from": "human", "value": "u"}, {"from": "agent", "value": "a"}]}], "sharegpt")
+
+
+def test_message_keys_and_roles_are_checked_in_the_config(tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}])
+    base = [f"dataset.sources.0.path={data}", "dataset.sources.0.format=sharegpt"]
+    cfg = compose([*base, "dataset.sources.0.roles.assistant=agent", "dataset.sources.0.message_keys.role=speaker"]).cfg
+    assert dict(cfg.dataset.sources[0].roles) == {"assistant": "agent"}
+    with pytest.raises(FtuneError, match=r"roles: 'asistant' is not one of .*Did you mean 'assistant'"):
+        compose([*base, "dataset.sources.0.roles.asistant=agent"])
+    with pytest.raises(FtuneError, match=r"message_keys: 'contents' is not one of role, content"):
+        compose([*base, "dataset.sources.0.message_keys.contents=text"])
+
+
+# ----------------------------------------------------------------------------- other tools' preference layouts
+def test_llamafactory_ranking_layouts():
+    # sharegpt ranking: conversations + chosen/rejected as one message object each
+    row = {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
+           "rejected": {"from": "gpt", "value": "5"}}
+    assert records([row], "preference") == [{"messages": [user("2+2?")], "chosen": "4", "rejected": "5"}]
+    # alpaca ranking: instruction/input + chosen/rejected text
+    row = {"instruction": "Add.", "input": "2+2", "chosen": "4", "rejected": "5"}
+    assert records([row], "preference") == [{"messages": [user("Add.\n\n2+2")], "chosen": "4", "rejected": "5"}]
+
+
+def test_preference_errors_say_what_was_found():
+    with pytest.raises(FtuneError) as err:
+        records([{"prompt": "q", "chosen": {"text": "4"}, "rejected": "5"}], "preference")
+    assert "chosen[0] must have 'role' and 'content' (got an object with keys text" in str(err.value)
+    assert ("format=preference needs chosen, rejected, and a prompt (prompt, conversations, messages or instruction) "
+            "unless chosen and rejected are whole conversations; optional: system") in str(err.value)
+
+
+def test_llamafactory_kto_layout():
+    """LLaMA-Factory's KTO demo: messages ending in the answer, plus a true/false tag column."""
+    rows = [{"messages": [{"content": "Hi", "role": "user"}, {"content": "Hello!", "role": "assistant"}], "kto_tag": True},
+            {"messages": [{"content": "2+2?", "role": "user"}, {"content": "5", "role": "assistant"}], "kto_tag": False}]
+    got = records(rows, "feedback", columns={"label": "kto_tag"})
+    assert got == [{"messages": [user("Hi")], "completion": "Hello!", "label": True},
+                   {"messages": [user("2+2?")], "completion": "5", "label": False}]

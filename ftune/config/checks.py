@@ -15,6 +15,7 @@ from ftune.config.registry import schemas
 from ftune.config.rules import choice as _choice
 from ftune.config.rules import positive as _positive
 from ftune.config.schema import FtuneConfig
+from ftune.registry import did_you_mean
 from ftune.runtime import tristate, world_size
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -125,6 +126,11 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
         if src.weight <= 0:
             problems.append(f"{key}.weight must be > 0 (got {src.weight})")
         _check_columns(problems, key, src.format, dict(src.columns), schemas("format").get(src.format))
+        for part, known in schemas("conversation").items():  # message_keys, roles
+            for name in sorted(set(getattr(src, part)) - set(known)):
+                problems.append(f"{key}.{part}: '{name}' is not one of {', '.join(known)}"
+                                f"{did_you_mean(name, known)} (write <{'part' if part == 'message_keys' else 'role'}>: "
+                                f"<your file's name for it>)")
         path = resources.resolve_path(src.path)
         looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
         if looks_local and not Path(path).exists():

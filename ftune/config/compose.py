@@ -33,7 +33,7 @@ GROUPS = ("model", "method", "dataset", "stage", "hardware")
 # have one schema each.
 NAMED_SCHEMA_GROUPS = ("method", "stage")
 # Keys holding free maps (the user's own column and role names): an override may add a key there.
-FREE_MAPS = ("columns", "roles", "message_keys")
+FREE_MAPS = ("columns", "roles", "message_keys", "placeholders")
 
 
 _stored = False

@@ -65,7 +65,16 @@ class SourceConfig:
     rejected) | prompt (prompts only: PPO) | feedback (prompt, completion, label: KTO): how a row
     becomes a canonical record."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Canonical field -> column in this source, e.g. {instruction: prompt, output: completion}."""
+    """Canonical field -> column in this source, e.g. {instruction: prompt, output: completion}
+    (on the command line: dataset.sources.0.columns.instruction=prompt)."""
+    message_keys: dict[str, str] = field(default_factory=dict)
+    """Part of a conversation turn -> this file's key for it: role, content, reasoning, tool_calls,
+    train, name; e.g. {role: speaker, content: text}. Unset parts are read from the usual keys
+    (role/from, content/value, reasoning_content, tool_calls, train)."""
+    roles: dict[str, Any] = field(default_factory=dict)
+    """Role -> this file's name (or names) for it: user, assistant, system, tool (a tool's result),
+    tool_call (a turn holding a call as JSON); e.g. {user: customer, assistant: [agent, bot]}. Added
+    to the usual names (human, gpt, observation, function_call, …)."""
     split: str = "train"
     """Split to read for Hugging Face datasets."""
     subset: Optional[str] = None
@@ -115,6 +124,16 @@ class DatasetConfig:
     in summary.json."""
     sample_prompt: Optional[str] = None
     """Prompt answered after training to show the model; unset: the first held-out prompt."""
+    system: Optional[str] = None
+    """System prompt for rows that carry none (a source's own `system` wins). "": no system prompt
+    at all, not even the default one a chat template inserts into rows without one. Unset: rows keep
+    what they have, and a template's default is inserted (said in the run's data line)."""
+    placeholders: dict[str, str] = field(default_factory=dict)
+    """Text filled in for {{name}} placeholders in every row, e.g. {name: Ada, author: the lab} for
+    identity sets. Placeholders left unfilled in trained text are counted in a warning."""
+    train_reasoning: bool = True
+    """An assistant turn's reasoning (reasoning_content, or <think>…</think> before the answer) is
+    trained with the answer; false: it stays in the input, masked, and only the answer is trained."""
 
 
 # ----------------------------------------------------------------------------- stage

@@ -19,13 +19,14 @@ from typing import Any
 
 from ftune import resources
 from ftune.config.schema import DatasetConfig, SourceConfig
-from ftune.data import formats, sources, templates
+from ftune.data import formats, notes, sources, templates
 from ftune.data.badrows import FAIL, BadRows
 from ftune.data.packing import pack
-from ftune.data.tokenize import TokenStats, tokenize_all
+from ftune.data.templates import RenderOptions
+from ftune.data.tokenize import IGNORE, TokenStats, tokenize_all, tokenize_corpus
 from ftune.errors import FtuneError
 
-CACHE_VERSION = "2"  # bump when tokenisation output changes for the same inputs
+CACHE_VERSION = "3"  # bump when tokenisation output changes for the same inputs
 
 
 @dataclass
@@ -38,9 +39,18 @@ class DataBundle:
     eval_prompts: list[list[dict]] = field(default_factory=list)
 
 
-def read_source(src: SourceConfig, index: int, bad: BadRows = FAIL) -> list[dict]:
+def source_records(src: SourceConfig, rows: list[dict], where: str, bad: BadRows = FAIL,
+                   system: str | None = None) -> list[dict]:
+    """A source's rows as canonical records, read with its columns, message keys and roles; the
+    source's own system prompt beats the dataset's."""
+    layout = formats.Layout(dict(src.message_keys), dict(src.roles))
+    return formats.to_records(rows, src.format, dict(src.columns), src.system if src.system is not None else system,
+                              where, bad, layout)
+
+
+def read_source(src: SourceConfig, index: int, bad: BadRows = FAIL, system: str | None = None) -> list[dict]:
     rows = sources.read_rows(src.path, src.split, src.subset, bad)
-    return formats.to_records(rows, src.format, dict(src.columns), src.system, f"dataset.sources[{index}] ({src.path})", bad)
+    return source_records(src, rows, f"dataset.sources[{index}] ({src.path})", bad, system)
 
 
 def weighted(records: list[dict], weight: float, rng: random.Random) -> list[dict]:
@@ -57,7 +67,7 @@ def split_records(cfg: DatasetConfig, seed: int, bad: BadRows = FAIL) -> tuple[l
     rng = random.Random(seed)
     train, held = [], []
     for i, src in enumerate(cfg.sources):
-        records = read_source(src, i, bad)
+        records = read_source(src, i, bad, cfg.system)
         rng.shuffle(records)
         n_eval = 0 if cfg.eval_path else min(round(cfg.eval_fraction * len(records)), len(records) - 1)
         held += records[:n_eval]
@@ -65,11 +75,13 @@ def split_records(cfg: DatasetConfig, seed: int, bad: BadRows = FAIL) -> tuple[l
     if cfg.eval_path:
         first = cfg.sources[0]
         rows = sources.read_rows(cfg.eval_path, bad=bad)
-        held = formats.to_records(rows, first.format, dict(first.columns), first.system,
-                                  f"dataset.eval_path ({cfg.eval_path})", bad)
+        held = source_records(first, rows, f"dataset.eval_path ({cfg.eval_path})", bad, cfg.system)
     rng.shuffle(train)
     if cfg.max_rows:
         train = train[: cfg.max_rows]
+    train = [dict(r, messages=[dict(m) for m in r["messages"]]) if "messages" in r else dict(r) for r in train]
+    notes.fill_placeholders(train, dict(cfg.placeholders))  # copies: a weighted source repeats one record
+    notes.fill_placeholders(held, dict(cfg.placeholders))
     if not train:
         raise FtuneError("dataset: no training rows left after the held-out split",
                          hint="Lower dataset.eval_fraction or add rows.")
@@ -108,23 +120,48 @@ def tokenize_records(records: list[dict], cfg: DatasetConfig, tokenizer: Any, pr
         return tokenize_pairs(records, template, cfg, tokenizer)
     if records and "completion" in records[0]:
         return tokenize_feedback(records, template, cfg, tokenizer)
-    segment_lists = [templates.render(r, template, tokenizer) for r in records]
+    if records and "text" in records[0]:
+        return tokenize_corpus([r["text"] for r in records], tokenizer, cfg.max_seq_len)
+    opts = RenderOptions.of(cfg)
+    segment_lists = [templates.render(r, template, tokenizer, opts) for r in records]
     return tokenize_all(segment_lists, tokenizer, cfg.max_seq_len, cfg.train_on)
+
+
+def _answer_start(sample: dict) -> int:
+    """Index of the first trained token (where the answer starts)."""
+    return next(i for i, label in enumerate(sample["labels"]) if i > 0 and label != IGNORE)
+
+
+def _keep_answers(samples: list[dict], max_len: int) -> list[dict] | None:
+    """Samples that share a prompt, cut to max_len by dropping the prompt's oldest tokens (the same
+    number from each, so they still share it) and keeping every answer whole; None when the
+    answers alone do not fit (with one token of prompt before them)."""
+    longest = max(len(s["input_ids"]) for s in samples)
+    if longest <= max_len:
+        return samples
+    cut = longest - max_len
+    if any(cut >= _answer_start(s) for s in samples):
+        return None
+    return [{"input_ids": s["input_ids"][cut:], "labels": s["labels"][cut:]} for s in samples]
 
 
 def tokenize_pairs(records: list[dict], template: Any, cfg: DatasetConfig, tokenizer: Any) -> tuple[list[dict], TokenStats]:
     """Preference records -> {chosen_*, rejected_*} samples, each side masked like SFT (the final
     answer is the target). A pair is dropped when either side loses its answer to truncation."""
-    sides = {}
+    sides, opts = {}, RenderOptions.of(cfg)
     for side in ("chosen", "rejected"):
         convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r[side]}]} for r in records]
-        segs = [templates.render(c, template, tokenizer) for c in convs]
-        sides[side], _ = tokenize_all(segs, tokenizer, cfg.max_seq_len, "last", drop_empty=False)
+        segs = [templates.render(c, template, tokenizer, opts) for c in convs]
+        sides[side], _ = tokenize_all(segs, tokenizer, 2**62, "last", drop_empty=False)
     stats, pairs = TokenStats(), []
     for c, r in zip(sides["chosen"], sides["rejected"]):
-        if c is None or r is None:
+        kept = _keep_answers([c, r], cfg.max_seq_len) if c is not None and r is not None else None
+        if kept is None:
             stats.dropped_no_target += 1
             continue
+        if kept[0] is not c:
+            stats.prompt_truncated += 1
+        c, r = kept
         pairs.append({"chosen": c, "rejected": r})
         stats.samples += 1
         stats.tokens += len(c["input_ids"]) + len(r["input_ids"])
@@ -138,9 +175,20 @@ def tokenize_feedback(records: list[dict], template: Any, cfg: DatasetConfig, to
     and a mismatched row for KTO's KL estimate: this prompt with the next sample's answer (a fixed
     pairing, so the reference log-probs of these rows can be computed once)."""
     convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r["completion"]}]} for r in records]
-    samples, stats = tokenize_all([templates.render(c, template, tokenizer) for c in convs], tokenizer,
-                                  cfg.max_seq_len, "last", drop_empty=False)
-    kept = [(s, r["label"]) for s, r in zip(samples, records) if s is not None]
+    opts = RenderOptions.of(cfg)
+    samples, _ = tokenize_all([templates.render(c, template, tokenizer, opts) for c in convs], tokenizer,
+                              2**62, "last", drop_empty=False)
+    kept, stats = [], TokenStats()
+    for sample, record in zip(samples, records):
+        cut = _keep_answers([sample], cfg.max_seq_len) if sample is not None else None
+        if cut is None:
+            stats.dropped_no_target += 1
+            continue
+        stats.prompt_truncated += cut[0] is not sample
+        stats.samples += 1
+        stats.tokens += len(cut[0]["input_ids"])
+        stats.trained_tokens += sum(x != IGNORE for x in cut[0]["labels"][1:])
+        kept.append((cut[0], record["label"]))
 
     def split(sample: dict) -> int:  # where the answer's labelled tokens start
         return next(i for i, label in enumerate(sample["labels"]) if i > 0 and label != -100)
@@ -172,7 +220,8 @@ def tokenize_prompts(records: list[dict], template: Any, cfg: DatasetConfig, tok
     stats, out = TokenStats(), []
     for record in records:
         messages, reference = prompt_of(record)
-        ids = tokenizer(templates.render_prompt(messages, template, tokenizer), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(templates.render_prompt(messages, template, tokenizer, RenderOptions.of(cfg)),
+                        add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_seq_len:
             stats.truncated += 1
             continue
@@ -180,6 +229,13 @@ def tokenize_prompts(records: list[dict], template: Any, cfg: DatasetConfig, tok
         stats.samples += 1
         stats.tokens += len(ids)
     return out, stats
+
+
+def data_notes(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> list[str]:
+    """What the rendered data holds that the config does not say (see ftune/data/notes.py)."""
+    found = [notes.system_note(records, templates.load_template(cfg.template), tokenizer, cfg.system),
+             notes.placeholder_note(records)]
+    return [n for n in found if n]
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -215,7 +271,7 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
                          "Raise dataset.max_seq_len or check the template and train_on setting.")
     prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
     stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path),
-             "bad_rows": bad.summary()}
+             "bad_rows": bad.summary(), "notes": data_notes(train_records, cfg, tokenizer)}
     if cfg.packing:
         train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)
         stats["packed_rows"] = {"train": len(train), "eval": len(held)}

@@ -19,6 +19,7 @@ class TokenStats:
     dropped_no_target: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    prompt_truncated: int = 0
 
 
 def _trained(segment: Segment, train_on: str, last_turn: int) -> bool:
@@ -59,4 +60,40 @@ def tokenize_all(segment_lists: list[list[Segment]], tokenizer: Any, max_len: in
         stats.samples += 1
         stats.tokens += len(ids)
         stats.trained_tokens += sum(label != IGNORE for label in labels[1:])
+    return out, stats
+
+
+@dataclass
+class CorpusStats(TokenStats):
+    """Raw-text counts: every token read is in some block (a long document is split, not cut)."""
+
+    documents: int = 0
+    tokens_read: int = 0
+    split_documents: int = 0
+
+
+def tokenize_corpus(texts: list[str], tokenizer: Any, max_len: int) -> tuple[list[dict], CorpusStats]:
+    """Documents (each ending with EOS) -> blocks of at most max_len tokens, no token lost.
+
+    A document longer than max_len is split into consecutive blocks that overlap by one token, so
+    every token after a document's first is predicted exactly once (a block's first token is never
+    a target: nothing precedes it). Blocks never span two documents; packing then fills rows with
+    them without attention across blocks."""
+    eos = tokenizer.eos_token or ""
+    ids_all = tokenizer([t + eos for t in texts], add_special_tokens=False)["input_ids"] if texts else []
+    stats, out = CorpusStats(), []
+    for ids in ids_all:
+        stats.documents += 1
+        stats.tokens_read += len(ids)
+        if len(ids) < 2:
+            stats.dropped_no_target += 1
+            continue
+        starts = range(0, max(len(ids) - 1, 1), max_len - 1)
+        stats.split_documents += len(starts) > 1
+        for start in starts:
+            piece = ids[start:start + max_len]
+            out.append({"input_ids": piece, "labels": list(piece)})
+            stats.samples += 1
+            stats.tokens += len(piece)
+            stats.trained_tokens += len(piece) - 1
     return out, stats

@@ -99,7 +99,7 @@ def generations(model: Any, tokenizer: Any, cfg: Any, prompts: list[tuple[list[d
     out = []
     model.eval()
     for messages, reference in prompts:
-        text = templates.render_prompt(messages, template, tokenizer)
+        text = templates.render_prompt(messages, template, tokenizer, templates.RenderOptions.of(cfg.dataset))
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
         with torch.no_grad(), accelerator.autocast():
             gen = model.generate(**ids, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,

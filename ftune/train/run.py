@@ -30,6 +30,7 @@ from ftune.config.compose import Composed
 from ftune.config.schema import FtuneConfig
 from ftune.data import templates
 from ftune.data.build import build as build_data
+from ftune.data.notes import data_warnings
 from ftune.errors import FtuneError
 from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
@@ -92,7 +93,7 @@ def progress_bar(console: Console) -> Progress:
 def sample_answer(model: Any, tokenizer: Any, cfg: FtuneConfig, messages: list[dict], accelerator: Any) -> str:
     """Greedy answer to one prompt, to show what the model does now."""
     template = templates.load_template(cfg.dataset.template)
-    prompt = templates.render_prompt(messages, template, tokenizer)
+    prompt = templates.render_prompt(messages, template, tokenizer, templates.RenderOptions.of(cfg.dataset))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
     model.eval()
     with torch.no_grad(), accelerator.autocast():
@@ -342,11 +343,8 @@ def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
     packed = f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else ""
     console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
                   f"{stats['eval']['samples']} held-out" + packed + (" [from cache]" if stats.get("from_cache") else ""))
-    if t["truncated"]:
-        console.print(f"[yellow]warning:[/] {t['truncated']} samples were longer than dataset.max_seq_len="
-                      f"{cfg.dataset.max_seq_len} and were truncated")
-    if t["dropped_no_target"]:
-        console.print(f"[yellow]warning:[/] {t['dropped_no_target']} samples had no trained tokens left and were dropped")
+    for line in data_warnings(stats, cfg.dataset.max_seq_len):
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     bad = stats.get("bad_rows") or {}
     if bad.get("skipped"):
         console.print(f"[yellow]warning:[/] {bad['skipped']} bad rows skipped (dataset.on_bad_row=skip), e.g.:")
