@@ -153,9 +153,9 @@ def test_missing_shipped_file_names_resolved_path():
 
 
 def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "d.txt"
+    path = tmp_path / "d.tsv"
     path.write_text("hello\n")
-    with pytest.raises(FtuneError, match=r"unsupported data file; use one of \.json, \.jsonl, \.csv, \.parquet"):
+    with pytest.raises(FtuneError, match=r"unsupported data file; use one of \.json, \.jsonl, \.csv, \.parquet, \.txt"):
         sources.read_rows(str(path))
 
 

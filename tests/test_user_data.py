@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from ftune.config.compose import compose
+from ftune.config.schema import DatasetConfig, SourceConfig
+from ftune.data import formats, sources, templates
+from ftune.data.build import build, split_records, tokenize_records
+from ftune.data.tokenize import IGNORE
 from ftune.errors import FtuneError
 
 
@@ -76,10 +80,6 @@ def test_columns_naming_no_field_of_the_format_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- conversations: keys and roles
-from ftune.config.schema import DatasetConfig, SourceConfig  # noqa: E402
-from ftune.data import formats, templates  # noqa: E402
-from ftune.data.build import build, split_records, tokenize_records  # noqa: E402
-from ftune.data.tokenize import IGNORE  # noqa: E402
 
 
 def records(rows: list[dict], fmt: str, **source) -> list[dict]:
@@ -117,7 +117,8 @@ def test_unknown_role_names_the_fix():
 
 
 def test_message_keys_and_roles_are_checked_in_the_config(tmp_path):
-    data = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}])
+    conv = [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]
+    data = write_jsonl(tmp_path / "c.jsonl", [{"conversations": conv}])
     base = [f"dataset.sources.0.path={data}", "dataset.sources.0.format=sharegpt"]
     cfg = compose([*base, "dataset.sources.0.roles.assistant=agent", "dataset.sources.0.message_keys.role=speaker"]).cfg
     assert dict(cfg.dataset.sources[0].roles) == {"assistant": "agent"}
@@ -153,3 +154,274 @@ def test_llamafactory_kto_layout():
     got = records(rows, "feedback", columns={"label": "kto_tag"})
     assert got == [{"messages": [user("Hi")], "completion": "Hello!", "label": True},
                    {"messages": [user("2+2?")], "completion": "5", "label": False}]
+
+
+# ----------------------------------------------------------------------------- tokenised: masks and notes
+def dataset(path: Path, fmt: str, **kw) -> DatasetConfig:
+    source = {k: kw.pop(k) for k in ("columns", "message_keys", "roles") if k in kw}
+    return DatasetConfig(name="t", sources=[SourceConfig(path=str(path), format=fmt, **source)],
+                         template=kw.pop("template", "chatml"), eval_fraction=0.0, **{"max_seq_len": 256, **kw})
+
+
+def tokenised(rows: list[dict], fmt: str, tok, tmp_path: Path, **kw) -> tuple[list[dict], object]:
+    cfg = dataset(write_jsonl(tmp_path / "rows.jsonl", rows), fmt, **kw)
+    train, _ = split_records(cfg, 0)
+    return tokenize_records(train, cfg, tok)
+
+
+def trained(sample: dict, tok) -> str:
+    return tok.decode([t for i, (t, lab) in enumerate(zip(sample["input_ids"], sample["labels"]))
+                       if lab != IGNORE and i > 0])
+
+
+def masked(sample: dict, tok) -> str:
+    return tok.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab == IGNORE])
+
+
+def test_per_turn_train_flags_are_honoured(tiny_tokenizer, tmp_path):
+    row = {"messages": [user("hello"), bot("wrong answer", train=False), user("again"), bot("right answer")]}
+    (sample,), _ = tokenised([row], "messages", tiny_tokenizer, tmp_path)
+    assert "right answer" in trained(sample, tiny_tokenizer) and "wrong" not in trained(sample, tiny_tokenizer)
+    assert "wrong answer" in masked(sample, tiny_tokenizer)
+    # axolotl writes the flag as "training"; a user turn flagged true is trained too
+    row = {"messages": [{"role": "user", "content": "hello", "training": True}, {**bot("world"), "training": 1}]}
+    (sample,), _ = tokenised([row], "messages", tiny_tokenizer, tmp_path)
+    assert "hello" in trained(sample, tiny_tokenizer) and "world" in trained(sample, tiny_tokenizer)
+
+
+SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+                 "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture()
+def smol_like(tiny_model_dir):
+    """The tiny tokenizer with a template that inserts a default system prompt, as SmolLM2's does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = SMOL_TEMPLATE
+    return tok
+
+
+IDENTITY = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."},
+            {"instruction": "What is your name?", "output": "My name is {{name}}."}]
+
+
+def test_default_system_prompt_is_said_and_can_be_turned_off(smol_like, tmp_path):
+    path = write_jsonl(tmp_path / "id.jsonl", IDENTITY)
+    cfg = dataset(path, "alpaca", template="model")
+    bundle = build(cfg, "sft", 0, smol_like, use_cache=False)
+    assert any('inserts its default system prompt "You are a helpful AI assistant named SmolLM' in n and
+               "into the 2 of 2 rows" in n for n in bundle.stats["notes"])
+    assert "SmolLM" in masked(bundle.train[0], smol_like)
+    off = build(dataset(path, "alpaca", template="model", system=""), "sft", 0, smol_like, use_cache=False)
+    assert not any("system prompt" in n for n in off.stats["notes"])
+    text = smol_like.decode(off.train[0]["input_ids"])
+    assert "SmolLM" not in text and "system" not in text and text.startswith("<|im_start|>user\n")
+    own = build(dataset(path, "alpaca", template="model", system="You are Ada."), "sft", 0, smol_like, use_cache=False)
+    assert smol_like.decode(own.train[0]["input_ids"]).startswith("<|im_start|>system\nYou are Ada.<|im_end|>")
+    # the prompt a trained model is asked with matches: no default block either
+    prompt = templates.render_prompt([user("Who are you?")], None, smol_like, templates.RenderOptions(no_default_system=True))
+    assert prompt == "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_named_template_default_system_is_said_too(tiny_tokenizer, tmp_path):
+    bundle = build(dataset(write_jsonl(tmp_path / "r.jsonl", IDENTITY[:1]), "alpaca", template="qwen"), "sft", 0,
+                   tiny_tokenizer, use_cache=False)
+    assert any("template 'qwen' inserts its default system prompt \"You are Qwen" in n for n in bundle.stats["notes"])
+
+
+def test_unfilled_placeholders_are_warned_and_can_be_filled(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "id.jsonl", IDENTITY)
+    bundle = build(dataset(path, "alpaca"), "sft", 0, tiny_tokenizer, use_cache=False)
+    assert any(n.startswith("2 of 2 rows train unfilled placeholders ({{author}}, {{name}}") and
+               "dataset.placeholders.author=<text>" in n for n in bundle.stats["notes"])
+    filled = build(dataset(path, "alpaca", placeholders={"name": "Ada", "author": "the lab"}), "sft", 0, tiny_tokenizer,
+                   use_cache=False)
+    assert not filled.stats["notes"]
+    answers = sorted(trained(s, tiny_tokenizer) for s in filled.train)
+    assert answers == ["I am Ada, made by the lab.<|im_end|>", "My name is Ada.<|im_end|>"]
+
+
+# ----------------------------------------------------------------------------- raw corpora: no token lost
+WORDS = "what is the capital of france paris answer question hello world sort these numbers reverse word".split()
+
+
+def _doc(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(n))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pretraining_keeps_every_token_of_long_documents(tiny_tokenizer, tmp_path, packing):
+    docs = [_doc(i, n) for i, n in enumerate([3, 150, 40, 400])]
+    cfg = dataset(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs]), "text", max_seq_len=64, packing=packing)
+    bundle = build(cfg, "pt", 0, tiny_tokenizer, use_cache=False)
+    eos = tiny_tokenizer.eos_token
+    expected = [tiny_tokenizer(d + eos, add_special_tokens=False)["input_ids"] for d in docs]
+    t = bundle.stats["train"]
+    assert t["tokens_read"] == sum(len(e) for e in expected) and t["documents"] == 4
+    assert t["split_documents"] == sum(len(e) > 64 for e in expected) >= 2
+    assert all(len(row["input_ids"]) <= 64 for row in bundle.train)
+    # every token after a document's first is a target exactly once, in order within its document
+    targets = sorted((tuple(row["input_ids"][i - 1:i + 1]) for row in bundle.train for i in range(1, len(row["input_ids"]))
+                      if row["labels"][i] != IGNORE), key=str)
+    wanted = sorted((tuple(e[i - 1:i + 1]) for e in expected for i in range(1, len(e))), key=str)
+    assert targets == wanted
+    assert t["trained_tokens"] == sum(len(e) - 1 for e in expected)
+
+
+def test_text_files_directories_and_globs(tiny_tokenizer, tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("hello world\n\nsecond paragraph of a\n", encoding="utf-8")
+    (folder / "sub" / "b.txt").write_text("paris is the capital of france", encoding="utf-8")
+    (folder / "notes.md").write_text("not read: not a .txt file")
+    assert sources.read_rows(str(folder / "a.txt")) == [{"text": "hello world\n\nsecond paragraph of a\n"}]
+    assert sources.read_rows(str(folder)) == [{"text": "hello world\n\nsecond paragraph of a\n"},
+                                              {"text": "paris is the capital of france"}]
+    assert sources.read_rows(str(folder / "**" / "*.txt")) == sources.read_rows(str(folder))
+    assert sources.read_rows(str(tmp_path / "corpus" / "*.txt")) == [{"text": "hello world\n\nsecond paragraph of a\n"}]
+    with pytest.raises(FtuneError, match="no files match"):
+        sources.read_rows(str(folder / "*.jsonl"))
+    cfg = compose([f"dataset.sources.0.path={folder}", "dataset.sources.0.format=text", "stage=pt"]).cfg
+    assert cfg.dataset.sources[0].path == str(folder)
+
+
+# ----------------------------------------------------------------------------- preference pairs: prompts cut from the left
+def test_long_preference_prompt_is_cut_from_the_left(tiny_tokenizer, tmp_path):
+    long_prompt = _doc(0, 300)
+    rows = [{"prompt": long_prompt, "chosen": "paris", "rejected": "hello world"},
+            {"prompt": "capital of france", "chosen": _doc(1, 400), "rejected": "paris"}]
+    pairs, stats = tokenised(rows, "preference", tiny_tokenizer, tmp_path, max_seq_len=64)
+    assert stats.prompt_truncated == 1 and stats.dropped_no_target == 1 and len(pairs) == 1
+    c, r = pairs[0]["chosen"], pairs[0]["rejected"]
+    assert len(c["input_ids"]) <= 64 and len(r["input_ids"]) <= 64
+    assert trained(c, tiny_tokenizer) == "paris<|im_end|>" and trained(r, tiny_tokenizer) == "hello world<|im_end|>"
+    # the same prompt tokens on both sides: its end (the question's last words and the assistant header)
+    start = next(i for i, label in enumerate(c["labels"]) if label != IGNORE)
+    pc, pr = c["input_ids"][:start], r["input_ids"][:start]
+    assert pc == pr and tiny_tokenizer.decode(pc).endswith(_doc(0, 300)[-20:] + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- tool calls
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+OPENAI_TOOLS = {"tools": [WEATHER], "messages": [
+    user("Weather in Paris?"),
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "c1"},
+    bot("It is sunny in Paris.")]}
+# LLaMA-Factory's function-calling demo layout: function_call/observation turns and tools as JSON text
+FUNCTION_CALL = {"tools": json.dumps([WEATHER["function"]]), "conversations": [
+    {"from": "human", "value": "Weather in Paris?"},
+    {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+    {"from": "observation", "value": "sunny, 21 C"},
+    {"from": "gpt", "value": "It is sunny in Paris."}]}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_tool_call_layouts_give_one_record():
+    openai = records([OPENAI_TOOLS], "messages")[0]
+    assert openai == {"tools": [WEATHER], "messages": [
+        user("Weather in Paris?"), bot("", tool_calls=[{**CALL, "id": "c1"}]),
+        {"role": "tool", "content": "sunny, 21 C"}, bot("It is sunny in Paris.")]}
+    lf = records([FUNCTION_CALL], "sharegpt")[0]
+    assert lf == {"tools": [WEATHER], "messages": [user("Weather in Paris?"), bot("", tool_calls=[CALL]),
+                                                   {"role": "tool", "content": "sunny, 21 C"},
+                                                   bot("It is sunny in Paris.")]}
+
+
+def test_tool_call_errors_name_the_turn():
+    bad_call = {"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{not json"}]}
+    with pytest.raises(FtuneError, match=r"conversations\[1\].value is not valid JSON"):
+        records([bad_call], "sharegpt")
+    with pytest.raises(FtuneError, match=r"column 'tools' must be a list of function schemas \(got int\)"):
+        records([{**OPENAI_TOOLS, "tools": 3}], "messages")
+
+
+def test_tool_calls_trained_and_results_masked_with_a_named_template(tiny_tokenizer, tmp_path):
+    (sample,), _ = tokenised([OPENAI_TOOLS], "messages", tiny_tokenizer, tmp_path, max_seq_len=1024)
+    text, train, mask = (tiny_tokenizer.decode(sample["input_ids"]), trained(sample, tiny_tokenizer),
+                         masked(sample, tiny_tokenizer))
+    assert text.startswith("<|im_start|>system\n# Tools\n") and json.dumps(WEATHER) in text
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+    assert train == call + "It is sunny in Paris.<|im_end|>"
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in mask and "# Tools" in mask
+    # the function_call layout renders to the same tokens
+    (other,), _ = tokenised([FUNCTION_CALL], "sharegpt", tiny_tokenizer, tmp_path, max_seq_len=1024)
+    assert other == sample
+
+
+def test_template_without_a_tool_format_refuses_tool_rows(tiny_tokenizer, tmp_path):
+    with pytest.raises(FtuneError, match="template 'llama3' has no 'tools' format, and the row offers tools"):
+        tokenised([OPENAI_TOOLS], "messages", tiny_tokenizer, tmp_path, template="llama3")
+
+
+# A Qwen3-style chat template: tools in the system turn, calls as <tool_call> JSON, results in a user
+# turn, and a <think> block (empty when there is no reasoning) only on answers after the last question.
+QWEN3_LIKE = (
+    "{%- if tools %}{{ '<|im_start|>system\n' }}{% if messages[0].role == 'system' %}{{ messages[0].content + '\n\n' }}"
+    "{% endif %}{{ '# Tools\n<tools>' }}{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}{{ '\n</tools><|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{ '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{ '<|im_start|>user\n' + m.content + '<|im_end|>\n' }}"
+    "{%- elif m.role == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{%- if loop.index0 > ns.last %}{{ '<think>\n' + (m.reasoning_content or '') + '\n</think>\n\n' }}{%- endif %}"
+    "{{ m.content }}{%- for c in (m.tool_calls or []) %}{{ '<tool_call>\n' + ({'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson) + '\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\n' }}"
+    "{%- elif m.role == 'tool' %}{{ '<|im_start|>user\n<tool_response>\n' + m.content + '\n</tool_response><|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}")
+
+
+@pytest.fixture()
+def qwen3_like(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = QWEN3_LIKE
+    return tok
+
+
+def test_tool_calls_through_the_models_own_template(qwen3_like, tmp_path):
+    (sample,), _ = tokenised([OPENAI_TOOLS], "messages", qwen3_like, tmp_path, template="model", max_seq_len=1024)
+    text, train = qwen3_like.decode(sample["input_ids"]), trained(sample, qwen3_like)
+    assert text.startswith("<|im_start|>system\n# Tools\n<tools>\n" + json.dumps(WEATHER))
+    # the tool call and the answer are trained; the empty think block the template inserts is not
+    assert train == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+                     "It is sunny in Paris.<|im_end|>\n")
+    assert "<think>\n\n</think>" in masked(sample, qwen3_like)
+
+
+# ----------------------------------------------------------------------------- reasoning
+THINKING = {"messages": [user("2+2?"), bot("4", reasoning_content="two plus two is four"),
+                         user("3+3?"), bot("<think>three and three make six</think>\n6")]}
+
+
+def test_reasoning_read_from_a_field_or_think_tags():
+    assert records([THINKING], "messages")[0]["messages"][1::2] == [
+        bot("4", reasoning="two plus two is four"), bot("6", reasoning="three and three make six")]
+
+
+def test_reasoning_with_a_named_template(tiny_tokenizer, tmp_path):
+    (sample,), _ = tokenised([THINKING], "messages", tiny_tokenizer, tmp_path)
+    text = tiny_tokenizer.decode(sample["input_ids"])
+    assert "two plus two" not in text  # earlier turns' reasoning dropped, as reasoning templates do
+    assert trained(sample, tiny_tokenizer) == "4<|im_end|><think>\nthree and three make six\n</think>\n\n6<|im_end|>"
+    (answer_only,), _ = tokenised([THINKING], "messages", tiny_tokenizer, tmp_path, train_reasoning=False)
+    assert answer_only["input_ids"] == sample["input_ids"]
+    assert trained(answer_only, tiny_tokenizer) == "4<|im_end|>6<|im_end|>"
+
+
+def test_reasoning_with_a_template_that_drops_earlier_thinking(qwen3_like, tmp_path):
+    (sample,), _ = tokenised([THINKING], "messages", qwen3_like, tmp_path, template="model")
+    text = qwen3_like.decode(sample["input_ids"])
+    assert text == ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\n3+3?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\nthree and three make six\n</think>\n\n6<|im_end|>\n")
+    assert trained(sample, qwen3_like) == "4<|im_end|><think>\nthree and three make six\n</think>\n\n6<|im_end|>"
+    (answer_only,), _ = tokenised([THINKING], "messages", qwen3_like, tmp_path, template="model", train_reasoning=False)
+    assert trained(answer_only, qwen3_like) == "4<|im_end|>6<|im_end|>"

@@ -132,9 +132,13 @@ def _check_dataset(cfg: FtuneConfig, problems: list[str]) -> None:
                                 f"{did_you_mean(name, known)} (write <{'part' if part == 'message_keys' else 'role'}>: "
                                 f"<your file's name for it>)")
         path = resources.resolve_path(src.path)
-        looks_local = src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet")
+        looks_local = (src.path.startswith("ftune:") or Path(path).suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt")
+                       ) and not set("*?[") & set(str(path))
         if looks_local and not Path(path).exists():
             problems.append(f"{key}.path: file {path} does not exist")
+        if str(path).endswith(".txt") and src.format != "text":
+            problems.append(f"{key}.format={src.format}, but {src.path} is plain text: set {key}.format=text "
+                            "(each .txt file is one document)")
         allowed = cfg.stage.formats
         if src.format in formats and src.format not in allowed:
             users = [name for name, stage in sorted(schemas("stage").items()) if src.format in stage.formats]

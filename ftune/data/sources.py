@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -13,7 +14,8 @@ from ftune import resources
 from ftune.data.badrows import FAIL, BadRows
 from ftune.errors import FtuneError
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+GLOB_CHARS = set("*?[")
 
 
 def _lines(path: Path) -> list[tuple[int, bytes]]:
@@ -91,7 +93,27 @@ def _read_parquet(path: Path, bad: BadRows = FAIL) -> list[dict]:
         raise FtuneError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+def _read_txt(path: Path, bad: BadRows = FAIL) -> list[dict]:
+    """A plain-text file is one document (format=text); long ones are split into blocks, not cut."""
+    text = _text(path)
+    return [{"text": text}] if text.strip() else []
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
+
+
+def files_of(path_spec: str) -> list[Path] | None:
+    """The files a directory (searched recursively) or a glob (`**` for any depth) stands for, in
+    sorted order; None when path_spec is neither."""
+    text = str(resources.resolve_path(path_spec))
+    path = Path(text).expanduser()
+    if GLOB_CHARS & set(text):
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    elif path.is_dir():
+        found = sorted(p for p in path.rglob("*"))
+    else:
+        return None
+    return [p for p in found if p.is_file() and p.suffix in READERS]
 
 
 def _read_hub(name: str, subset: str | None, split: str) -> list[dict]:
@@ -112,9 +134,16 @@ def _read_hub(name: str, subset: str | None, split: str) -> list[dict]:
 
 def read_rows(path_spec: str, split: str = "train", subset: str | None = None, bad: BadRows = FAIL
               ) -> list[dict[str, Any]]:
-    """All rows of one source; files by suffix, anything else as a Hugging Face dataset name."""
+    """All rows of one source; files by suffix (a directory or glob: every file in it with a known
+    suffix, in sorted order), anything else as a Hugging Face dataset name."""
     path = Path(resources.resolve_path(path_spec)).expanduser()
-    if path.suffix in READERS:
+    files = files_of(path_spec)
+    if files is not None:
+        if not files:
+            raise FtuneError(f"{path_spec}: no files match (looked for {', '.join(LOCAL_SUFFIXES)} files)",
+                             hint="Check the folder or pattern; `**` matches any depth, e.g. corpus/**/*.txt.")
+        rows = [row for f in files for row in READERS[f.suffix](f, bad)]
+    elif path.suffix in READERS:
         if not path.is_file():
             raise FtuneError(f"data file {path} does not exist")
         rows = READERS[path.suffix](path, bad)
@@ -131,7 +160,7 @@ def read_rows(path_spec: str, split: str = "train", subset: str | None = None, b
 def fingerprint(path_spec: str) -> str:
     """Identity of a source for the tokenisation cache: path, size and mtime of local files."""
     path = Path(resources.resolve_path(path_spec)).expanduser()
-    if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    files = files_of(path_spec) if not path.is_file() else [path]
+    if files:
+        return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     return path_spec
