@@ -425,3 +425,59 @@ def test_reasoning_with_a_template_that_drops_earlier_thinking(qwen3_like, tmp_p
     assert trained(sample, qwen3_like) == "4<|im_end|><think>\nthree and three make six\n</think>\n\n6<|im_end|>"
     (answer_only,), _ = tokenised([THINKING], "messages", qwen3_like, tmp_path, template="model", train_reasoning=False)
     assert trained(answer_only, qwen3_like) == "4<|im_end|>6<|im_end|>"
+
+
+# ----------------------------------------------------------------------------- preview and small texts
+def _preview(overrides: list[str], n: int = 3) -> str:
+    from rich.console import Console
+
+    from ftune.data.preview import preview
+
+    console = Console(record=True, width=200, color_system=None)
+    preview(compose(overrides).cfg, n, console)
+    return console.export_text()
+
+
+def test_preview_reads_as_training_does(tiny_model_dir, tmp_path):
+    rows = [{"instruction": "Salut?", "output": "Bună ziua, ș și 你好"}, {"instruction": "no answer"},
+            {"instruction": "Who are you?", "output": "I am {{name}}."}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    base = [f"model.path={tiny_model_dir}", f"dataset.sources.0.path={path}", "dataset.eval_fraction=0"]
+    with pytest.raises(FtuneError, match="row 2: column 'output' is missing"):
+        _preview(base)
+    text = _preview([*base, "dataset.on_bad_row=skip"])  # the fix the error suggests works in the preview too
+    assert f"data: {path} (alpaca)" in text  # the file read, not only the dataset config's name
+    assert "Bună ziua, ș și 你好" in text and "�" not in text  # multi-byte characters decoded whole
+    assert "1 bad rows skipped" in text and "row 2: column 'output'" in text
+    assert "2 samples from the first 2 of 2 training rows" in text
+    assert "unfilled placeholders ({{name}}" in text
+
+
+def test_preview_says_what_is_cut_and_inserted(tiny_model_dir, tmp_path):
+    long = {"instruction": "hi", "output": " ".join(["word"] * 400)}
+    path = write_jsonl(tmp_path / "long.jsonl", [long, {"instruction": "hi", "output": "hello"}])
+    text = _preview([f"model.path={tiny_model_dir}", f"dataset.sources.0.path={path}", "dataset.eval_fraction=0",
+                     "dataset.max_seq_len=160", "dataset.template=qwen"])
+    assert "1 sample was longer than dataset.max_seq_len=160 and cut at its end" in text
+    assert "template 'qwen' inserts its default system prompt" in text and "You are Qwen" in text
+
+
+def test_command_txt_quotes_paths_with_spaces(tiny_overrides, tmp_path):
+    import shlex
+
+    from ftune.train.run import train
+
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    path = write_jsonl(folder / "rows.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)])
+    train(compose([*tiny_overrides, f"dataset.sources.0.path={path}", "train.max_steps=1", "train.run_name=q"]))
+    words = shlex.split((tmp_path / "outputs" / "q" / "command.txt").read_text())
+    assert f"dataset.sources.0.path={path}" in words and words[:2] == ["ftune", "train"]
+
+
+def test_json_error_text_reads_once(tmp_path):
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"instruction": "unterminated}\n')
+    with pytest.raises(FtuneError) as err:
+        sources.read_rows(str(bad))
+    assert err.value.title.endswith("line 1: not valid JSON (Invalid control character at, column 31)")

@@ -36,7 +36,7 @@ def _read_jsonl(path: Path, bad: BadRows = FAIL) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            bad.found(f"{path}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})",
+            bad.found(f"{path}, line {n}: not valid JSON ({exc.msg}, column {exc.colno})",
                       hint="Each line of a .jsonl file must be one JSON object.")
             continue
         if not isinstance(row, dict):

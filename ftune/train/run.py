@@ -14,6 +14,7 @@ import json
 import math
 import random
 import resource
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def load_inputs(run: Run) -> tuple[Any, Any, Any, int]:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         # Secrets from the environment (e.g. via ${oc.env:...}) are never written to the run directory.
         (run.run_dir / "config.yaml").write_text(safety.redact(run.composed.to_yaml()))
-        (run.run_dir / "command.txt").write_text(safety.redact("ftune train " + " ".join(run.composed.overrides)) + "\n")
+        (run.run_dir / "command.txt").write_text(safety.redact(shlex.join(["ftune", "train", *run.composed.overrides])) + "\n")
         (run.run_dir / "data_stats.json").write_text(safety.redact(json.dumps(data.stats, indent=2)))
     _report_data(console, data.stats, cfg)
     return model, tokenizer, data, recompute
