@@ -481,3 +481,54 @@ def test_json_error_text_reads_once(tmp_path):
     with pytest.raises(FtuneError) as err:
         sources.read_rows(str(bad))
     assert err.value.title.endswith("line 1: not valid JSON (Invalid control character at, column 31)")
+
+
+def test_a_chat_template_that_ignores_tools_or_reasoning_is_refused(tiny_tokenizer, tmp_path):
+    """The tiny tokenizer's ChatML template (like SmolLM2's) has no tools and no reasoning_content."""
+    with pytest.raises(FtuneError, match=r"does not render the tools offered \(tools=\) or the assistant's tool calls"):
+        tokenised([OPENAI_TOOLS], "messages", tiny_tokenizer, tmp_path, template="model")
+    with pytest.raises(FtuneError, match=r"does not render the answer's reasoning"):
+        tokenised([THINKING], "messages", tiny_tokenizer, tmp_path, template="model")
+
+
+# ----------------------------------------------------------------------------- as a new user would: config only, trains
+def _train(tiny_overrides: list[str], *overrides: str) -> dict:
+    from ftune.train.run import train
+
+    return train(compose([*tiny_overrides, "train.max_steps=2", "dataset.eval_fraction=0.25", *overrides]))
+
+
+def test_layouts_train_with_config_only(tiny_overrides, tmp_path):
+    import csv
+
+    tools = write_jsonl(tmp_path / "tools.jsonl", [OPENAI_TOOLS, FUNCTION_CALL] * 4)
+    s = _train(tiny_overrides, f"dataset.sources.0.path={tools}", "dataset.sources.0.format=messages",
+               "dataset.template=chatml", "dataset.max_seq_len=512", "train.run_name=tools")
+    assert s["train_tokens"] > 0
+    # FUNCTION_CALL is sharegpt-shaped: a second source with its own format
+    ranking = write_jsonl(tmp_path / "rank.jsonl", [
+        {"conversations": [{"from": "human", "value": f"q{i}"}], "chosen": {"from": "gpt", "value": "good"},
+         "rejected": {"from": "gpt", "value": "bad"}} for i in range(8)])
+    s = _train(tiny_overrides, "recipe=smollm2-dpo", f"dataset.sources.0.path={ranking}", "train.run_name=rank")
+    assert s["eval_loss_before"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy = reference at the start
+    kto = write_jsonl(tmp_path / "kto.jsonl", [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}], "kto_tag": i % 2 == 0}
+        for i in range(8)])
+    _train(tiny_overrides, "recipe=smollm2-dpo", "dataset=smol-feedback", "stage.loss=kto",
+           f"dataset.sources.0.path={kto}", "dataset.sources.0.columns.label=kto_tag", "train.run_name=kto")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(_doc(i, 120))
+    s = _train(tiny_overrides, "recipe=smollm2-lora-pt", f"dataset.sources.0.path={corpus}", "dataset.max_seq_len=64",
+               "train.run_name=pt")
+    stats = json.loads((tmp_path / "outputs" / "pt" / "data_stats.json").read_text())
+    assert stats["train"]["documents"] + stats["eval"]["documents"] == 6
+    with (tmp_path / "sys.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["question", "answer", "system"])
+        writer.writeheader()
+        writer.writerows({"question": f"q{i}", "answer": f"a{i}", "system": "Answer in one word."} for i in range(8))
+    _train(tiny_overrides, f"dataset.sources.0.path={tmp_path / 'sys.csv'}", "dataset.sources.0.format=qa",
+           "train.run_name=csv")
+    rows = json.loads((tmp_path / "outputs" / "csv" / "data_stats.json").read_text())
+    assert rows["notes"] == []  # every row has its own system prompt: nothing inserted

@@ -292,6 +292,9 @@ def from_qa(row: Row, system: str | None, layout: Layout) -> Record:
 
 
 def _conversation(row: Row, column: str, system: str | None, layout: Layout, first: tuple[str, str]) -> Record:
+    other = "conversations" if column == "messages" else "messages"
+    if _missing(row.get(column)) and isinstance(row.get(other), (list, str)) and row.get(other):
+        column = other  # the two layouts' columns are often swapped; the turns' keys tell them apart anyway
     messages = _turns(row.get(column), column, layout, first)
     if messages[0]["role"] != "system":
         messages = _system(row, system) + messages

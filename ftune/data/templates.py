@@ -266,12 +266,31 @@ def render_model(messages: list[dict], tokenizer: Any, tools: list[dict] | None 
         segments = _growing_prefix(hf, messages, tokenizer, extra)
     except _NotPrefix:
         segments = _by_prompts(hf, messages, tokenizer, extra)
+    _check_rendered("".join(seg.text for seg, _ in segments), messages, tools)
     out = []
     for seg, message in segments:
         out += _split_reasoning(seg, message, opts) if message is not None and message["role"] == "assistant" else [seg]
     if opts.no_default_system and not (messages and messages[0]["role"] == "system"):
         _drop_default_system(out, tokenizer)
     return [s for s in out if s.text]
+
+
+def _check_rendered(text: str, messages: list[dict], tools: list[dict] | None) -> None:
+    """A chat template that does not render tools, calls or the final answer's reasoning would train
+    the row without them: refuse, naming what is lost."""
+    lost = []
+    if tools and not any(t["function"]["name"] in text for t in tools):
+        lost.append("the tools offered (tools=)")
+    if any(c["function"]["name"] not in text for m in messages for c in m.get("tool_calls") or []):
+        lost.append("the assistant's tool calls")
+    last = _last_assistant(messages)
+    if last >= 0 and messages[last].get("reasoning") and messages[last]["reasoning"] not in text:
+        lost.append("the answer's reasoning (reasoning_content)")
+    if lost:
+        raise FtuneError(f"the model's chat template does not render {' or '.join(lost)}: the row would train "
+                         "without them",
+                         hint="Use a named template that has them (dataset.template=chatml renders tools, calls and "
+                              "<think> reasoning), or a template file of your own.")
 
 
 class _NotPrefix(Exception):
