@@ -21,6 +21,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect composed configs.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets as the trainer sees them.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(no_args_is_help=True, help="Another tool's training config -> an ftune recipe file.")
+app.add_typer(import_app, name="import")
 console = Console()
 
 OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides, e.g. method=lora train.lr=1e-4")
@@ -293,6 +295,41 @@ def data_preview(overrides: Optional[List[str]] = OVERRIDES,
     from ftune.data.preview import preview
 
     preview(compose(overrides or []).cfg, n, console)
+
+
+def _report_import(migration, out: Path) -> None:
+    from ftune.migrate import write
+
+    path = write(migration, out)
+    console.print(f"wrote {path}  (train it: ftune train recipe={path})")
+    for note in migration.assumed:
+        console.print(Text(f"assumed: {note}"), soft_wrap=True)
+    if migration.not_carried:
+        console.print(f"[yellow]not carried over ({len(migration.not_carried)}):[/]")
+        for key, why in migration.not_carried:
+            console.print(Text(f"  {key}: {why}"), soft_wrap=True)
+
+
+IMPORT_OUT = typer.Option(None, "--out", "-o", help="Recipe file to write (default: <config name>-ftune.yaml here).")
+
+
+@import_app.command("llamafactory")
+def import_llamafactory(config: Path = typer.Argument(..., help="LLaMA-Factory training YAML"),
+                        dataset_info: Optional[Path] = typer.Option(None, "--dataset-info", help="its dataset_info.json "
+                                                                    "(default: <dataset_dir>/dataset_info.json)"),
+                        out: Optional[Path] = IMPORT_OUT) -> None:
+    """A LLaMA-Factory training config (and its dataset_info.json) as an ftune recipe."""
+    from ftune.migrate import llamafactory
+
+    _report_import(llamafactory.convert(config, dataset_info), out or Path(f"{config.stem}-ftune.yaml"))
+
+
+@import_app.command("axolotl")
+def import_axolotl(config: Path = typer.Argument(..., help="axolotl config YAML"), out: Optional[Path] = IMPORT_OUT) -> None:
+    """An axolotl config as an ftune recipe."""
+    from ftune.migrate import axolotl
+
+    _report_import(axolotl.convert(config), out or Path(f"{config.stem}-ftune.yaml"))
 
 
 def show_panel(title: str, text: str) -> None:
