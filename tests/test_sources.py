@@ -233,9 +233,11 @@ def test_build_uses_cache_on_second_call(tmp_path, tiny_tokenizer, monkeypatch):
     first = build(cfg, "sft", 42, tiny_tokenizer)
     assert "from_cache" not in first.stats
     cache_file = Path(first.stats["cache"])
-    assert cache_file.is_file()
+    assert sorted(p.name for p in cache_file.iterdir()) == ["eval.arrow", "meta.json", "train.arrow"]
     assert cache_file.parent == resources.cache_dir() / "data"
-    assert cache_file.name == f"tiny-{cache_key(cfg, 'sft', 42, tiny_tokenizer)}.json"
+    assert cache_file.name == f"tiny-{cache_key(cfg, 'sft', 42, tiny_tokenizer)}"
+
+    uncached = build(cfg, "sft", 42, tiny_tokenizer, use_cache=False)
 
     # The second build must not read or tokenise anything.
     def boom(*a, **k):
@@ -244,8 +246,8 @@ def test_build_uses_cache_on_second_call(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(build_mod, "split_records", boom)
     second = build(cfg, "sft", 42, tiny_tokenizer)
     assert second.stats["from_cache"] == str(cache_file)
-    assert second.train == first.train
-    assert second.eval == first.eval
+    assert list(second.train) == list(first.train) == uncached.train
+    assert list(second.eval) == list(first.eval)
     assert second.eval_prompts == first.eval_prompts
     assert {k: v for k, v in second.stats.items() if k != "from_cache"} == first.stats
 
@@ -398,3 +400,35 @@ def test_packing(tmp_path, tiny_tokenizer):
     assert next(samples, None) is None
     # Packing changes the cache key, so a packed build is never served unpacked rows.
     assert packed.stats["cache"] != plain.stats["cache"]
+
+
+def test_cache_is_memory_mapped_arrow_and_num_proc_changes_nothing(tmp_path, tiny_tokenizer):
+    from ftune.data import store
+
+    path = write_alpaca(tmp_path / "a.jsonl")
+    one = build(dataset_cfg(path), "sft", 42, tiny_tokenizer, use_cache=False)
+    cached = build(dataset_cfg(path, packing=True), "sft", 42, tiny_tokenizer)
+    assert isinstance(cached.train, store.Rows) and cached.train[0] == cached.train[-len(cached.train)]
+    with pytest.raises(IndexError):
+        cached.train[len(cached.train)]
+    # several processes, small chunks: the same samples in the same order
+    original = build_mod.CHUNK
+    try:
+        build_mod.CHUNK = 7
+        two = build(dataclasses.replace(dataset_cfg(path), num_proc=2), "sft", 42, tiny_tokenizer, use_cache=False)
+    finally:
+        build_mod.CHUNK = original
+    assert two.train == one.train and two.eval == one.eval and two.stats["train"] == one.stats["train"]
+
+
+def test_an_interrupted_build_leaves_no_cache_entry(tmp_path, tiny_tokenizer, monkeypatch):
+    cfg = dataset_cfg(write_alpaca(tmp_path / "a.jsonl"))
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "prompt_of", dies)  # after the splits are planned, before they are written
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, "sft", 42, tiny_tokenizer)
+    monkeypatch.undo()
+    assert not list((resources.cache_dir() / "data").glob(f"tiny-{cache_key(cfg, 'sft', 42, tiny_tokenizer)}*"))

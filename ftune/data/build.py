@@ -11,30 +11,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftune import resources
 from ftune.config.schema import DatasetConfig, SourceConfig
-from ftune.data import formats, notes, sources, templates
+from ftune.data import formats, notes, sources, store, templates
 from ftune.data.badrows import FAIL, BadRows
-from ftune.data.packing import pack
+from ftune.data.packing import pack_stream
 from ftune.data.templates import RenderOptions
-from ftune.data.tokenize import IGNORE, TokenStats, tokenize_all, tokenize_corpus
+from ftune.data.tokenize import IGNORE, CorpusStats, TokenStats, tokenize_all, tokenize_corpus
 from ftune.errors import FtuneError
 
-CACHE_VERSION = "3"  # bump when tokenisation output changes for the same inputs
+CACHE_VERSION = "4"  # bump when tokenisation output changes for the same inputs
 
 
 @dataclass
 class DataBundle:
     """What the trainer needs: samples (packed rows when packing is on) and a few prompts to show."""
 
-    train: list[dict]
-    eval: list[dict]
+    train: Sequence[dict]
+    eval: Sequence[dict]
     stats: dict[str, Any]
     eval_prompts: list[list[dict]] = field(default_factory=list)
 
@@ -238,23 +240,69 @@ def data_notes(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> list[
     return [n for n in found if n]
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))  # JSON, not pickle: the cache folder is not trusted code
-    os.replace(tmp, path)
+SPLITS = ("train", "eval")
+CHUNK = 5000  # records rendered and tokenised together (one process's job)
+_JOB: tuple = ()  # (records, cfg, tokenizer, prompts_only), set before worker processes fork
+
+
+def _chunk_job(span: tuple[int, int]) -> tuple[list[dict], dict]:
+    records, cfg, tokenizer, prompts_only = _JOB
+    samples, stats = tokenize_records(records[span[0]:span[1]], cfg, tokenizer, prompts_only)
+    return samples, dataclasses.asdict(stats)
+
+
+def _processes(cfg: DatasetConfig) -> int:
+    return cfg.num_proc if cfg.num_proc > 0 else (os.cpu_count() or 1)
+
+
+def tokenized(records: list[dict], cfg: DatasetConfig, tokenizer: Any, prompts_only: bool, stats: dict
+              ) -> Iterator[dict]:
+    """Every record's sample, in order, chunk by chunk; `stats` accumulates the counts. With
+    dataset.num_proc > 1 the chunks are tokenised by worker processes (forked: they read the
+    records and tokenizer without copying them). Unpaired feedback is one chunk: each of its rows
+    borrows the next row's answer (tokenize_feedback)."""
+    global _JOB
+    size = len(records) if records and "completion" in records[0] else CHUNK
+    spans = [(i, min(i + size, len(records))) for i in range(0, len(records), max(size, 1))]
+    procs = min(_processes(cfg), len(spans))
+    if procs > 1:
+        _JOB = (records, cfg, tokenizer, prompts_only)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each process tokenises on its own core
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            for samples, counts in pool.imap(_chunk_job, spans):
+                _add(stats, counts)
+                yield from samples
+        _JOB = ()
+        return
+    for a, b in spans:
+        samples, counts = tokenize_records(records[a:b], cfg, tokenizer, prompts_only)
+        _add(stats, dataclasses.asdict(counts))
+        yield from samples
+
+
+def _add(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value
+
+
+def _empty_stats(records: list[dict]) -> dict:
+    kind = CorpusStats if records and "text" in records[0] else TokenStats
+    return dataclasses.asdict(kind())
 
 
 def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: bool = True,
           prompts_only: bool = False) -> DataBundle:
     """Tokenised samples for training and evaluation (from the cache when nothing changed); `stage`
-    names the stage in the cache key, prompts_only is its schema's fact (see tokenize_records)."""
+    names the stage in the cache key, prompts_only is its schema's fact (see tokenize_records).
+
+    Samples stream from the tokeniser (and packer) into the cache's Arrow files and are read back
+    memory-mapped; with use_cache=False they are kept as lists instead."""
     key = cache_key(cfg, stage, seed, tokenizer)
-    path = resources.cache_dir() / "data" / f"{cfg.name}-{key}.json"
-    if use_cache and path.is_file():
-        cached = json.loads(path.read_text())
-        cached["stats"]["from_cache"] = str(path)
-        return DataBundle(**cached)
+    folder = resources.cache_dir() / "data" / f"{cfg.name}-{key}"
+    if use_cache and store.is_complete(folder, SPLITS):
+        rows, meta = store.load(folder, SPLITS)
+        meta["stats"]["from_cache"] = str(folder)
+        return DataBundle(train=rows["train"], eval=rows["eval"], stats=meta["stats"], eval_prompts=meta["eval_prompts"])
     if cfg.packing and not tokenizer.eos_token:
         raise FtuneError("dataset.packing=true, but the tokenizer has no EOS token",
                          ["packed samples are told apart by the EOS token that ends each one; without it the "
@@ -262,20 +310,29 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
                          "Set dataset.packing=false, or use a tokenizer with an eos_token (tokenizer_config.json).")
     bad = BadRows(skip=cfg.on_bad_row == "skip")
     train_records, eval_records = split_records(cfg, seed, bad)
-    train, train_stats = tokenize_records(train_records, cfg, tokenizer, prompts_only)
-    held, eval_stats = tokenize_records(eval_records, cfg, tokenizer, prompts_only)
-    if not train:
-        raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
-                         [f"{train_stats.dropped_no_target} samples had no assistant tokens within "
-                          f"max_seq_len={cfg.max_seq_len}"],
-                         "Raise dataset.max_seq_len or check the template and train_on setting.")
-    prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
-    stats = {"train": dataclasses.asdict(train_stats), "eval": dataclasses.asdict(eval_stats), "cache": str(path),
-             "bad_rows": bad.summary(), "notes": data_notes(train_records, cfg, tokenizer)}
+    train_stats, eval_stats = _empty_stats(train_records), _empty_stats(eval_records)
+    splits = {"train": tokenized(train_records, cfg, tokenizer, prompts_only, train_stats),
+              "eval": tokenized(eval_records, cfg, tokenizer, prompts_only, eval_stats)}
     if cfg.packing:
-        train, held = pack(train, cfg.max_seq_len), pack(held, cfg.max_seq_len)
-        stats["packed_rows"] = {"train": len(train), "eval": len(held)}
-    bundle = DataBundle(train=train, eval=held, stats=stats, eval_prompts=prompts)
-    if use_cache:
-        _save_atomic(dataclasses.asdict(bundle), path)
-    return bundle
+        splits = {name: pack_stream(samples, cfg.max_seq_len) for name, samples in splits.items()}
+    prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
+    notes = data_notes(train_records, cfg, tokenizer)
+
+    def meta(counts: dict[str, int]) -> dict:
+        if not train_stats["samples"]:
+            raise FtuneError("dataset: every training sample was dropped (no trained tokens left)",
+                             [f"{train_stats['dropped_no_target']} samples had no assistant tokens within "
+                              f"max_seq_len={cfg.max_seq_len}"],
+                             "Raise dataset.max_seq_len or check the template and train_on setting.")
+        stats = {"train": train_stats, "eval": eval_stats, "cache": str(folder), "bad_rows": bad.summary(), "notes": notes}
+        if cfg.packing:
+            stats["packed_rows"] = counts
+        return {"stats": stats, "eval_prompts": prompts}
+
+    if not use_cache:
+        lists = {name: list(samples) for name, samples in splits.items()}
+        info = meta({name: len(rows) for name, rows in lists.items()})
+        return DataBundle(train=lists["train"], eval=lists["eval"], stats=info["stats"], eval_prompts=prompts)
+    store.save(folder, splits, meta)
+    rows, info = store.load(folder, SPLITS)
+    return DataBundle(train=rows["train"], eval=rows["eval"], stats=info["stats"], eval_prompts=prompts)

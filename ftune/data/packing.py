@@ -11,6 +11,8 @@ same samples (tests/test_packing.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from ftune.data.tokenize import IGNORE
 
 
@@ -57,3 +59,19 @@ def pack(samples: list[dict], max_len: int) -> list[dict]:
         groups[-1].append(sample)
         used += n
     return [_row(group) for group in groups]
+
+
+def pack_stream(samples: Iterable[dict], max_len: int) -> Iterator[dict]:
+    """`pack` as a stream: the same rows in the same order, one at a time (the build writes them to
+    the cache as they come, never holding the dataset)."""
+    group: list[dict] = []
+    used = 0
+    for sample in samples:
+        n = len(sample["input_ids"])
+        if group and used + n > max_len:
+            yield _row(group)
+            group, used = [], 0
+        group.append(sample)
+        used += n
+    if group:
+        yield _row(group)

@@ -213,6 +213,7 @@ def prepare_reference(cfg: Any, model: Any, data: Any, pad: int, device: Any, ac
 
 
     kto, mbs = stage.loss == "kto", cfg.train.micro_batch_size
+    data.train, data.eval = list(data.train), list(data.eval)  # the log-probs are written into the samples
     if stage.reference:
         ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=stage.reference))
         reference, _ = load_model(ref_cfg, device)
