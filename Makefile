@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup setup-train upgrade train test lint test-fast bench bench-speed bench-accuracy clean
+.PHONY: setup setup-train upgrade train test lint test-fast bench bench-speed bench-accuracy bench-data clean
 
 # Two install stamps: what training needs (torch, ftune, the default model's file: a few minutes),
 # then what the tests and the export/eval extras add (llama-cpp-python is a ~5 min source build).
@@ -62,13 +62,15 @@ test-fast: setup
 
 # ftune vs transformers + peft + trl's SFTTrainer, two arms: speed (tokens/s, memory) on the default
 # workload, ~10 min on 2 CPU cores -> bench/results.md|json; and task accuracy of the trained adapters on
-# a JSON-extraction task, 3 seeds, ~35-45 min per seed -> bench/accuracy.md|json.
-#   make bench                  # both arms
+# a JSON-extraction task, 3 seeds, ~35-45 min per seed -> bench/accuracy.md|json; and data
+# preparation at scale (bench-data) -> bench/data.md|json.
+#   make bench                  # all three
 #   make bench-speed BENCH_ARGS="--steps 20 --rounds 3"
 #   make bench-accuracy ACCURACY_ARGS="--seeds 1"
 BENCH_ARGS ?=
 ACCURACY_ARGS ?=
-bench: bench-speed bench-accuracy
+DATA_ARGS ?=
+bench: bench-speed bench-accuracy bench-data
 
 bench-speed: setup
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[bench]"
@@ -77,6 +79,10 @@ bench-speed: setup
 bench-accuracy: setup
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_accuracy.py $(ACCURACY_ARGS)
+
+# Data preparation at scale: 1M instruction rows and a 2 GB corpus, tokenised and cached (~30-40 min).
+bench-data: setup-train
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_data.py $(DATA_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

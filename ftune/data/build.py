@@ -242,6 +242,7 @@ def data_notes(records: list[dict], cfg: DatasetConfig, tokenizer: Any) -> list[
 
 SPLITS = ("train", "eval")
 CHUNK = 5000  # records rendered and tokenised together (one process's job)
+CHUNK_CHARS = 20_000_000  # at most this much raw text per chunk
 _JOB: tuple = ()  # (records, cfg, tokenizer, prompts_only), set before worker processes fork
 
 
@@ -262,8 +263,7 @@ def tokenized(records: list[dict], cfg: DatasetConfig, tokenizer: Any, prompts_o
     records and tokenizer without copying them). Unpaired feedback is one chunk: each of its rows
     borrows the next row's answer (tokenize_feedback)."""
     global _JOB
-    size = len(records) if records and "completion" in records[0] else CHUNK
-    spans = [(i, min(i + size, len(records))) for i in range(0, len(records), max(size, 1))]
+    spans = _spans(records)
     procs = min(_processes(cfg), len(spans))
     if procs > 1:
         _JOB = (records, cfg, tokenizer, prompts_only)
@@ -278,6 +278,22 @@ def tokenized(records: list[dict], cfg: DatasetConfig, tokenizer: Any, prompts_o
         samples, counts = tokenize_records(records[a:b], cfg, tokenizer, prompts_only)
         _add(stats, dataclasses.asdict(counts))
         yield from samples
+
+
+def _spans(records: list[dict]) -> list[tuple[int, int]]:
+    """[start, end) of each chunk: CHUNK records, fewer when raw text passes CHUNK_CHARS (long
+    documents), all of them for unpaired feedback."""
+    if records and "completion" in records[0]:
+        return [(0, len(records))]
+    spans, start, chars = [], 0, 0
+    for i, record in enumerate(records):
+        chars += len(record.get("text", ""))
+        if i + 1 - start >= CHUNK or chars >= CHUNK_CHARS:
+            spans.append((start, i + 1))
+            start, chars = i + 1, 0
+    if start < len(records):
+        spans.append((start, len(records)))
+    return spans
 
 
 def _add(total: dict, counts: dict) -> None:
