@@ -532,3 +532,19 @@ def test_layouts_train_with_config_only(tiny_overrides, tmp_path):
            "train.run_name=csv")
     rows = json.loads((tmp_path / "outputs" / "csv" / "data_stats.json").read_text())
     assert rows["notes"] == []  # every row has its own system prompt: nothing inserted
+
+
+def test_exported_chat_template_renders_tools_and_reasoning_as_trained(tiny_model_dir):
+    """A merged model's chat template (to_jinja) renders tool calls, results, the tools list and the
+    last answer's reasoning exactly as training did, so vLLM/llama.cpp see the trained format."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = templates.load_template("chatml")
+    tok.chat_template = templates.to_jinja(template, tok)
+    for row in (OPENAI_TOOLS, THINKING, {"messages": [{"role": "system", "content": "S"}, user("u"), bot("a")]}):
+        record = records([row], "messages")[0]
+        trained = "".join(s.text for s in templates.render_named(template, record["messages"], tok, record.get("tools")))
+        served = tok.apply_chat_template([templates._hf_message(m) for m in record["messages"]], tools=record.get("tools"),
+                                         tokenize=False)
+        assert served == trained

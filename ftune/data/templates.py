@@ -401,18 +401,40 @@ def to_jinja(template: Template, tokenizer: Any) -> str:
         parts.append(json.dumps(fmt[pos:]))
         return "{{ " + " ~ ".join(p for p in parts if p != '""') + " }}" if any(p != '""' for p in parts) else ""
 
+    def with_content(fmt: str, value: str) -> str:
+        return expr(fmt).replace("m['content']", value)
+
     inline = bool(template.user_with_system)
+    tools = ""
+    if template.tools:  # the offered tools go into the system prompt, one JSON schema a line
+        listing = "(tools | map('tojson') | join('\\n'))"
+        tools = ("{%- if tools -%}{%- set ns.system = (" + expr(template.tools).removeprefix("{{ ").removesuffix(" }}")
+                 .replace("m['content']", listing) + ").lstrip('\\n') -%}{%- endif -%}")
+    calls = ""
+    if template.tool_call:
+        call = "({'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson)"
+        one = expr(template.tool_call).removeprefix("{{ ").removesuffix(" }}").replace("m['content']", call)
+        calls = ("{%- set body = namespace(text=m['content'] or '') -%}{%- for c in (m['tool_calls'] or []) -%}"
+                 "{%- set body.text = body.text ~ ('\\n' if body.text else '') ~ " + one + " -%}{%- endfor -%}")
+    reasoning = ""
+    if template.reasoning:
+        reasoning = ("{%- if loop.index0 == ns.last and m['reasoning_content'] -%}"
+                     + with_content(template.reasoning, "m['reasoning_content']") + "{%- endif -%}")
+    answer = with_content(template.assistant, "body.text") if calls else expr(template.assistant)
     return "".join([
-        "{%- set ns = namespace(system=" + json.dumps(template.default_system) .replace("null", "none") + ") -%}",
+        "{%- set ns = namespace(system=" + json.dumps(template.default_system) .replace("null", "none") + ", last=-1) -%}",
         "{%- set msgs = messages -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}"
         "{%- set msgs = messages[1:] -%}{%- endif -%}",
+        "{%- for m in msgs -%}{%- if m['role'] == 'assistant' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}",
+        tools,
         expr(template.prefix),
         "{%- if ns.system -%}" + ("" if inline else expr(template.system).replace("m['content']", "ns.system")) + "{%- endif -%}",
         "{%- for m in msgs -%}",
         "{%- if m['role'] == 'user' -%}",
         ("{%- if ns.system and loop.first -%}" + expr(template.user_with_system) + "{%- else -%}" + expr(template.user)
          + "{%- endif -%}") if inline else expr(template.user),
-        "{%- elif m['role'] == 'assistant' -%}", expr(template.assistant), expr(template.separator),
+        "{%- elif m['role'] == 'assistant' -%}", reasoning, calls, answer, expr(template.separator),
+        ("{%- elif m['role'] == 'tool' -%}" + expr(template.tool)) if template.tool else "",
         "{%- endif -%}{%- endfor -%}",
     ])
