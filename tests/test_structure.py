@@ -59,7 +59,7 @@ def test_no_module_but_its_own_names_a_method():
     own = set(_method_modules().values())
     offenders = []
     for path in sorted((ROOT / "ftune").rglob("*.py")):
-        if path in own:
+        if path in own or path.parent.name == "migrate":  # importers translate other tools' names to ftune's
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if _names_a_method(node, methods):
@@ -100,7 +100,7 @@ def test_no_module_outside_the_stages_names_a_stage():
     stages = set(STAGES.names())
     offenders = []
     for path in sorted((ROOT / "ftune").rglob("*.py")):
-        if path.parent.name == "objectives":
+        if path.parent.name in ("objectives", "migrate"):  # migrate: other tools' stage names -> ftune's
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if _names_a_stage(node, stages):
