@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ftune.data import templates
+from ftune.data.jinja import to_jinja
 from ftune.data.templates import Segment, load_template, render, render_prompt, stop_text
 from ftune.data.tokenize import IGNORE, tokenize_all
 from ftune.errors import FtuneError
@@ -372,7 +373,7 @@ def test_tokenize_all_empty(tiny_tokenizer):
 def test_jinja_export_renders_exactly_like_the_template(name, tiny_tokenizer):
     """Merged models and vLLM get the training format as a Jinja chat template: same text, always."""
     template = templates.load_template(name)
-    jinja = templates.to_jinja(template, tiny_tokenizer)
+    jinja = to_jinja(template, tiny_tokenizer)
     conversations = [
         [{"role": "user", "content": "hi {system} there"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],

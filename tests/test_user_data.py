@@ -14,6 +14,7 @@ from ftune.config.compose import compose
 from ftune.config.schema import DatasetConfig, SourceConfig
 from ftune.data import formats, sources, templates
 from ftune.data.build import build, split_records, tokenize_records
+from ftune.data.jinja import to_jinja
 from ftune.data.tokenize import IGNORE
 from ftune.errors import FtuneError
 
@@ -541,7 +542,7 @@ def test_exported_chat_template_renders_tools_and_reasoning_as_trained(tiny_mode
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     template = templates.load_template("chatml")
-    tok.chat_template = templates.to_jinja(template, tok)
+    tok.chat_template = to_jinja(template, tok)
     for row in (OPENAI_TOOLS, THINKING, {"messages": [{"role": "system", "content": "S"}, user("u"), bot("a")]}):
         record = records([row], "messages")[0]
         trained = "".join(s.text for s in templates.render_named(template, record["messages"], tok, record.get("tools")))

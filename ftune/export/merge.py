@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ftune.data.templates import load_template, stop_token_ids, to_jinja
+from ftune.data.jinja import to_jinja
+from ftune.data.templates import load_template, stop_token_ids
 from ftune.errors import FtuneError
 from ftune.methods import spec_of
 from ftune.methods.merge import merge

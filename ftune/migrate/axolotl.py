@@ -77,6 +77,20 @@ def _method(cfg: dict, m: Migration) -> None:
         m.groups["method"] = "full"
 
 
+def _preference(kind: Any, ds: dict, rl: str, where: str, m: Migration) -> tuple[str, dict[str, str]]:
+    """(format, columns) of a DPO-family or KTO dataset entry."""
+    if rl == "kto":
+        return "feedback", {"prompt": ds.get("field_prompt", "prompt"), "completion": ds.get("field_completion", "completion"),
+                            "label": ds.get("field_label", "label")}
+    if kind in DPO_TYPES:
+        return "preference", dict(DPO_TYPES[kind])
+    if str(kind).startswith("chat_template"):
+        return "preference", {"messages": ds.get("field_messages", "messages"), "chosen": ds.get("field_chosen", "chosen"),
+                              "rejected": ds.get("field_rejected", "rejected")}
+    m.skip(f"{where}.type", f"'{kind}' rows are read as prompt/chosen/rejected columns (format=preference)")
+    return "preference", {}
+
+
 def _source(i: int, ds: dict, base: Path, rl: str | None, m: Migration) -> dict[str, Any]:
     where = f"datasets[{i}]"
     if "path" not in ds:
@@ -109,20 +123,7 @@ def _source(i: int, ds: dict, base: Path, rl: str | None, m: Migration) -> dict[
             m.skip(f"{where}.type.format", "a custom prompt format string; the recipe's template renders the rows")
         kind = "alpaca"
     if rl:
-        if rl == "kto":
-            source["format"] = "feedback"
-            columns = {"prompt": ds.get("field_prompt", "prompt"), "completion": ds.get("field_completion", "completion"),
-                       "label": ds.get("field_label", "label")}
-        elif kind in DPO_TYPES:
-            source["format"] = "preference"
-            columns = dict(DPO_TYPES[kind])
-        elif str(kind).startswith("chat_template"):
-            source["format"] = "preference"
-            columns = {"messages": ds.get("field_messages", "messages"), "chosen": ds.get("field_chosen", "chosen"),
-                       "rejected": ds.get("field_rejected", "rejected")}
-        else:
-            m.skip(f"{where}.type", f"'{kind}' rows are read as prompt/chosen/rejected columns (format=preference)")
-            source["format"] = "preference"
+        source["format"], columns = _preference(kind, ds, rl, where, m)
     elif kind == "alpaca" or str(kind).startswith("alpaca"):
         source["format"] = "alpaca"  # columns: a custom layout's fields (above), else alpaca's own
     elif kind in ("completion", "pretrain"):
@@ -157,9 +158,7 @@ def _source(i: int, ds: dict, base: Path, rl: str | None, m: Migration) -> dict[
     return {k: v for k, v in source.items() if v != {}}
 
 
-def convert(path: Path) -> Migration:
-    cfg = dict(read_config(path, "axolotl config (YAML)"))
-    m = Migration("axolotl", path)
+def _model(cfg: dict, m: Migration, path: Path) -> None:
     if "base_model" not in cfg:
         raise FtuneError(f"{path}: no base_model", hint="Is this an axolotl config?")
     model = str(cfg.pop("base_model"))
@@ -172,6 +171,10 @@ def convert(path: Path) -> Migration:
         m.set("model", "attn_implementation", "flash_attention_2")
     if cfg.pop("sdp_attention", False):
         m.set("model", "attn_implementation", "sdpa")
+
+
+def _stage(cfg: dict, m: Migration) -> str | None:
+    """rl: dpo/ipo/orpo/simpo/kto is ftune's dpo stage with that loss; returns the rl name."""
     rl = cfg.pop("rl", None)
     if rl:
         m.groups["stage"] = "dpo"
@@ -182,11 +185,13 @@ def convert(path: Path) -> Migration:
         m.set("stage", "beta", beta)
     else:
         m.groups["stage"] = "sft"
-    _method(cfg, m)
+    return str(rl) if rl else None
+
+
+def _data(cfg: dict, m: Migration, base: Path, rl: str | None) -> None:
     datasets = cfg.pop("datasets", None) or []
-    base = path.parent
     if datasets:
-        sources = [_source(i, ds, base, rl and str(rl), m) for i, ds in enumerate(datasets)]
+        sources = [_source(i, ds, base, rl, m) for i, ds in enumerate(datasets)]
         if all(s["format"] == "text" for s in sources):
             m.groups["stage"] = "pt"
         m.set("dataset", "name", Path(str(datasets[0].get("path", "data"))).stem or "data")
@@ -213,6 +218,9 @@ def convert(path: Path) -> Migration:
             m.set("dataset", "eval_fraction", float(val))
         else:
             m.skip("val_set_size", f"{val}: ftune holds out a fraction of the rows (dataset.eval_fraction)")
+
+
+def _train(cfg: dict, m: Migration) -> None:
     for src, dst in TRAIN_KEYS.items():
         if src in cfg:
             m.set("train", dst, cfg.pop(src))
@@ -232,6 +240,9 @@ def convert(path: Path) -> Migration:
         out = Path(str(cfg.pop("output_dir")))
         m.set("train", "output_dir", str(out.parent))
         m.set("train", "run_name", out.name)
+
+
+def _hardware(cfg: dict, m: Migration, path: Path) -> None:
     m.groups["hardware"] = "single-gpu"
     if cfg.get("deepspeed"):
         hardware_from_deepspeed(str(cfg.pop("deepspeed")), path.parent, m, "deepspeed")
@@ -244,6 +255,18 @@ def convert(path: Path) -> Migration:
         m.assumed.append("hardware=single-gpu: override with hardware=cpu, multi-gpu or fsdp")
     bf16, fp16 = cfg.pop("bf16", None), cfg.pop("fp16", None)
     m.set("hardware", "precision", "bf16" if bf16 in (True, "auto") else "fp16" if fp16 else "fp32")
+
+
+def convert(path: Path) -> Migration:
+    """The axolotl config at `path` (relative dataset paths are read from its folder)."""
+    cfg = dict(read_config(path, "axolotl config (YAML)"))
+    m = Migration("axolotl", path)
+    _model(cfg, m, path)
+    rl = _stage(cfg, m)
+    _method(cfg, m)
+    _data(cfg, m, path.parent, rl)
+    _train(cfg, m)
+    _hardware(cfg, m, path)
     for key, why in IGNORED.items():
         if key in cfg and why != "carried":
             m.skip(key, why)

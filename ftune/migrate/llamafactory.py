@@ -158,14 +158,7 @@ def _dataset(cfg: dict, info: dict | None, base: Path, stage: str, m: Migration)
     cfg.pop("eval_dataset", None)
 
 
-def convert(path: Path, dataset_info: Path | None = None) -> Migration:
-    cfg = dict(read_config(path, "LLaMA-Factory training config (YAML)"))
-    m = Migration("LLaMA-Factory", path)
-    base = Path(cfg.get("dataset_dir") or "data")
-    info_path = dataset_info or next((p for p in (path.parent / base / "dataset_info.json", base / "dataset_info.json",
-                                                  path.parent / "dataset_info.json") if p.is_file()), None)
-    info = read_config(Path(info_path), "dataset_info.json") if info_path else None
-    data_dir = Path(info_path).parent if info_path else base
+def _model(cfg: dict, m: Migration, path: Path) -> None:
     if "model_name_or_path" not in cfg:
         raise FtuneError(f"{path}: no model_name_or_path", hint="Is this a LLaMA-Factory training config?")
     model = str(cfg.pop("model_name_or_path"))
@@ -176,6 +169,10 @@ def convert(path: Path, dataset_info: Path | None = None) -> Migration:
         m.set("model", "trust_remote_code", True)
     if cfg.get("flash_attn") in ("fa2", "sdpa", "eager"):
         m.set("model", "attn_implementation", {"fa2": "flash_attention_2"}.get(cfg["flash_attn"], cfg["flash_attn"]))
+
+
+def _stage(cfg: dict, m: Migration) -> str:
+    """LLaMA-Factory's stage (kto is ftune's dpo stage with loss=kto); returns its own name."""
     stage = str(cfg.get("stage", "sft"))
     if stage not in STAGES:
         m.skip("stage", f"'{stage}' is not one of {', '.join(STAGES)}; the recipe trains stage=sft")
@@ -193,8 +190,11 @@ def convert(path: Path, dataset_info: Path | None = None) -> Migration:
     if stage == "ppo" and cfg.get("reward_model"):
         m.set("stage", "reward_model", cfg.pop("reward_model"))
         m.assumed.append("reward_model: an ftune reward-model run directory (train it with stage=rm)")
-    _method(cfg, m)
-    _dataset(cfg, info, data_dir, stage, m)
+    return stage
+
+
+def _rendering(cfg: dict, m: Migration) -> None:
+    """Template, cutoff, packing and what is trained."""
     m.set("dataset", "template", template_choice(cfg.pop("template", None), m, "template"))
     m.set("dataset", "max_seq_len", cfg.pop("cutoff_len", 2048))  # LLaMA-Factory's default cutoff
     for key, value in (("packing", cfg.pop("packing", None)), ("max_rows", cfg.pop("max_samples", None))):
@@ -212,6 +212,9 @@ def convert(path: Path, dataset_info: Path | None = None) -> Migration:
             m.set("dataset", "eval_fraction", val)
         else:
             m.skip("val_size", f"{val}: ftune holds out a fraction of the rows (dataset.eval_fraction)")
+
+
+def _train(cfg: dict, m: Migration) -> None:
     for src, value in HF_DEFAULTS.items():  # what LLaMA-Factory trains with when a key is left out
         if src not in cfg:
             cfg[src] = value
@@ -228,17 +231,35 @@ def convert(path: Path, dataset_info: Path | None = None) -> Migration:
         out = Path(str(cfg.pop("output_dir")))
         m.set("train", "output_dir", str(out.parent))
         m.set("train", "run_name", out.name)
-    if cfg.get("disable_gradient_checkpointing"):
+    if cfg.pop("disable_gradient_checkpointing", None):
         m.set("train", "gradient_checkpointing", "false")
-    cfg.pop("disable_gradient_checkpointing", None)
+
+
+def _hardware(cfg: dict, m: Migration, path: Path) -> None:
     m.groups["hardware"] = "single-gpu"
     if "deepspeed" in cfg:
         hardware_from_deepspeed(str(cfg.pop("deepspeed")), path.parent, m, "deepspeed")
     if m.groups["hardware"] == "single-gpu":
         m.assumed.append("hardware=single-gpu (LLaMA-Factory runs on the visible GPUs): override with hardware=cpu, "
                          "multi-gpu or fsdp")
-    precision = "bf16" if cfg.get("bf16") else "fp16" if cfg.get("fp16") else "fp32"
-    m.set("hardware", "precision", precision)
+    m.set("hardware", "precision", "bf16" if cfg.get("bf16") else "fp16" if cfg.get("fp16") else "fp32")
+
+
+def convert(path: Path, dataset_info: Path | None = None) -> Migration:
+    """The config at `path` (its dataset_info.json found next to it unless given)."""
+    cfg = dict(read_config(path, "LLaMA-Factory training config (YAML)"))
+    m = Migration("LLaMA-Factory", path)
+    base = Path(cfg.get("dataset_dir") or "data")
+    info_path = dataset_info or next((p for p in (path.parent / base / "dataset_info.json", base / "dataset_info.json",
+                                                  path.parent / "dataset_info.json") if p.is_file()), None)
+    info = read_config(Path(info_path), "dataset_info.json") if info_path else None
+    _model(cfg, m, path)
+    stage = _stage(cfg, m)
+    _method(cfg, m)
+    _dataset(cfg, info, Path(info_path).parent if info_path else base, stage, m)
+    _rendering(cfg, m)
+    _train(cfg, m)
+    _hardware(cfg, m, path)
     for key, why in IGNORED.items():
         if key in cfg and not why.startswith("carried"):
             m.skip(key, why)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ftune.data import templates
+from ftune.data.jinja import to_jinja
 from ftune.errors import FtuneError
 from ftune.models.load import resolve_model_path
 from ftune.models.runs import is_run_dir, run_config, trained_folder
@@ -75,7 +76,7 @@ def command(runs: list[str], host: str, port: int, max_loaded: int, template_dir
         tokenizer = AutoTokenizer.from_pretrained(base)
         path = template_dir / f"{template.name}.jinja"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(templates.to_jinja(template, tokenizer))
+        path.write_text(to_jinja(template, tokenizer))
         cmd += ["--chat-template", str(path.resolve())]
     return cmd
 
