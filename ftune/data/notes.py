@@ -73,13 +73,20 @@ def _n(count: int, one: str, many: str) -> str:
     return f"{count:,} {one if count == 1 else many}"
 
 
-def data_warnings(stats: dict, max_seq_len: int) -> list[str]:
-    """The data report's warning lines: counts of what was cut or dropped, and the notes above."""
-    t, lines = stats["train"], []
+def data_report(stats: dict, max_seq_len: int) -> list[tuple[str, str]]:
+    """The data report's lines after the counts, as (note|warning, text)."""
+    t = stats["train"]
+    lines = [("warning", line) for line in data_warnings(stats, max_seq_len)]
     if t.get("documents"):
-        lines.append(f"raw text: {_n(t['documents'], 'document', 'documents')}, {t['tokens_read']:,} tokens read, all "
-                     f"in blocks of <= {max_seq_len} ({_n(t['split_documents'], 'long document', 'long documents')} "
-                     "split across blocks, none cut)")
+        docs, split = _n(t["documents"], "document", "documents"), _n(t["split_documents"], "long document", "long documents")
+        lines.insert(0, ("note", f"raw text: {docs}, {t['tokens_read']:,} tokens read, all in blocks of <= {max_seq_len} "
+                                 f"({split} split across blocks, none cut)"))
+    return lines
+
+
+def data_warnings(stats: dict, max_seq_len: int) -> list[str]:
+    """Counts of what was cut or dropped, and the notes above."""
+    t, lines = stats["train"], []
     if t["truncated"]:
         lines.append(f"{_n(t['truncated'], 'sample was', 'samples were')} longer than dataset.max_seq_len={max_seq_len} "
                      "and cut at its end")

@@ -17,7 +17,7 @@ from ftune import resources
 from ftune.config.schema import FtuneConfig
 from ftune.data.badrows import BadRows
 from ftune.data.build import data_notes, split_records, tokenize_records
-from ftune.data.notes import data_warnings
+from ftune.data.notes import data_report
 from ftune.data.tokenize import IGNORE
 from ftune.models.load import load_tokenizer, resolve_model_path
 
@@ -66,8 +66,8 @@ def preview(cfg: FtuneConfig, n: int, console: Console) -> None:
     shown = {"train": dataclasses.asdict(stats), "notes": data_notes(train[:n], cfg.dataset, tokenizer)}
     console.rule()
     console.print(f"{len(samples)} samples from the first {min(n, len(train))} of {len(train)} training rows")
-    for line in data_warnings(shown, cfg.dataset.max_seq_len):
-        console.print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
+    for level, line in data_report(shown, cfg.dataset.max_seq_len):
+        console.print(f"[yellow]{level}:[/] {escape(line)}", soft_wrap=True)
     if bad.count:
         console.print(f"[yellow]note:[/] {bad.count} bad rows skipped (dataset.on_bad_row=skip), e.g.:")
         for example in bad.examples:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ftune import runtime, safety
@@ -31,7 +32,7 @@ from ftune.config.compose import Composed
 from ftune.config.schema import FtuneConfig
 from ftune.data import templates
 from ftune.data.build import build as build_data
-from ftune.data.notes import data_warnings
+from ftune.data.notes import data_report
 from ftune.errors import FtuneError
 from ftune.methods import Setup, count_parameters, hooks_for
 from ftune.methods import apply as apply_method
@@ -344,8 +345,8 @@ def _report_data(console: Console, stats: dict, cfg: FtuneConfig) -> None:
     packed = f"; packed into {stats['packed_rows']['train']} rows of {cfg.dataset.max_seq_len}" if "packed_rows" in stats else ""
     console.print(f"data: {t['samples']} train samples ({t['tokens']:,} tokens, {t['trained_tokens']:,} trained), "
                   f"{stats['eval']['samples']} held-out" + packed + (" [from cache]" if stats.get("from_cache") else ""))
-    for line in data_warnings(stats, cfg.dataset.max_seq_len):
-        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+    for level, line in data_report(stats, cfg.dataset.max_seq_len):
+        console.print(f"[yellow]{level}:[/] {escape(line)}", soft_wrap=True)
     bad = stats.get("bad_rows") or {}
     if bad.get("skipped"):
         console.print(f"[yellow]warning:[/] {bad['skipped']} bad rows skipped (dataset.on_bad_row=skip), e.g.:")
