@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 GLOB_CHARS = set("*?[")
 
 
-def _lines(path: Path) -> list[tuple[int, bytes]]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line, read as the caller goes: a large file is never
+    held twice (as bytes and as parsed rows)."""
     with path.open("rb") as f:
-        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        yield from ((n, line) for n, line in enumerate(f, 1) if line.strip())
 
 
 def _read_jsonl(path: Path, bad: BadRows = FAIL) -> list[dict]:
