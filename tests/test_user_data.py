@@ -549,3 +549,28 @@ def test_exported_chat_template_renders_tools_and_reasoning_as_trained(tiny_mode
         served = tok.apply_chat_template([templates._hf_message(m) for m in record["messages"]], tools=record.get("tools"),
                                          tokenize=False)
         assert served == trained
+
+
+def test_a_served_run_is_asked_as_it_was_trained(tiny_model_dir, tmp_path):
+    """dataset.system="" on a template that inserts a default system prompt: the served prompt
+    leaves it out too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ftune.serve.engine import AdapterPool
+    from ftune.train.run import train
+
+    model = tmp_path / "smol-like"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = SMOL_TEMPLATE
+    tok.save_pretrained(model)
+    common = [f"model.path={model}", "model.name=tiny", "hardware.precision=fp32", f"train.output_dir={tmp_path}",
+              "train.sample_max_new_tokens=0", "train.tensorboard=false", "dataset.max_rows=8", "train.max_steps=1"]
+    train(compose([*common, "dataset.system=''", "train.run_name=plain"]))
+    train(compose([*common, "train.run_name=default"]))
+    plain = tok.decode(AdapterPool([tmp_path / "plain"]).prompt_ids([user("hello")]))
+    default = tok.decode(AdapterPool([tmp_path / "default"]).prompt_ids([user("hello")]))
+    assert plain == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert default.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")

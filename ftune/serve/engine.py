@@ -95,7 +95,8 @@ class AdapterPool:
         self.loaded[name] = None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = templates.render_prompt(messages, self.template, self.tokenizer)
+        # rendered as the first run trained (dataset.system="" leaves a template's default out)
+        text = templates.render_prompt(messages, self.template, self.tokenizer, templates.RenderOptions.of(self.cfg.dataset))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, requests: list[Request]) -> list[dict]:
