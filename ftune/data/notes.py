@@ -77,6 +77,7 @@ def data_report(stats: dict, max_seq_len: int) -> list[tuple[str, str]]:
     """The data report's lines after the counts, as (note|warning, text)."""
     t = stats["train"]
     lines = [("warning", line) for line in data_warnings(stats, max_seq_len)]
+    lines += [("note", line) for line in stats.get("notes") or []]
     if t.get("documents"):
         docs, split = _n(t["documents"], "document", "documents"), _n(t["split_documents"], "long document", "long documents")
         lines.insert(0, ("note", f"raw text: {docs}, {t['tokens_read']:,} tokens read, all in blocks of <= {max_seq_len} "
@@ -85,7 +86,7 @@ def data_report(stats: dict, max_seq_len: int) -> list[tuple[str, str]]:
 
 
 def data_warnings(stats: dict, max_seq_len: int) -> list[str]:
-    """Counts of what was cut or dropped, and the notes above."""
+    """Counts of what was cut or dropped."""
     t, lines = stats["train"], []
     if t["truncated"]:
         lines.append(f"{_n(t['truncated'], 'sample was', 'samples were')} longer than dataset.max_seq_len={max_seq_len} "
@@ -96,4 +97,4 @@ def data_warnings(stats: dict, max_seq_len: int) -> list[str]:
     if t["dropped_no_target"]:
         lines.append(f"{_n(t['dropped_no_target'], 'sample was', 'samples were')} dropped: no trained token fits in "
                      f"dataset.max_seq_len={max_seq_len} (raise it, or check the template and dataset.train_on)")
-    return lines + list(stats.get("notes") or [])
+    return lines
