@@ -81,9 +81,10 @@ def split_records(cfg: DatasetConfig, seed: int, bad: BadRows = FAIL) -> tuple[l
     rng.shuffle(train)
     if cfg.max_rows:
         train = train[: cfg.max_rows]
-    train = [dict(r, messages=[dict(m) for m in r["messages"]]) if "messages" in r else dict(r) for r in train]
-    notes.fill_placeholders(train, dict(cfg.placeholders))  # copies: a weighted source repeats one record
-    notes.fill_placeholders(held, dict(cfg.placeholders))
+    if cfg.placeholders:  # filled in copies: a weighted source repeats one record object
+        train = [dict(r, messages=[dict(m) for m in r["messages"]]) if "messages" in r else dict(r) for r in train]
+        notes.fill_placeholders(train, dict(cfg.placeholders))
+        notes.fill_placeholders(held, dict(cfg.placeholders))
     if not train:
         raise FtuneError("dataset: no training rows left after the held-out split",
                          hint="Lower dataset.eval_fraction or add rows.")
