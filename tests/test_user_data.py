@@ -196,14 +196,18 @@ SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+def _tiny_tokenizer_with(model_dir: Path, chat_template: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = chat_template
+    return tok
+
+
 @pytest.fixture()
 def smol_like(tiny_model_dir):
     """The tiny tokenizer with a template that inserts a default system prompt, as SmolLM2's does."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = SMOL_TEMPLATE
-    return tok
+    return _tiny_tokenizer_with(tiny_model_dir, SMOL_TEMPLATE)
 
 
 IDENTITY = [{"instruction": "Who are you?", "output": "I am {{name}}, made by {{author}}."},
@@ -381,11 +385,7 @@ QWEN3_LIKE = (
 
 @pytest.fixture()
 def qwen3_like(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = QWEN3_LIKE
-    return tok
+    return _tiny_tokenizer_with(tiny_model_dir, QWEN3_LIKE)
 
 
 def test_tool_calls_through_the_models_own_template(qwen3_like, tmp_path):
@@ -546,7 +546,7 @@ def test_exported_chat_template_renders_tools_and_reasoning_as_trained(tiny_mode
     for row in (OPENAI_TOOLS, THINKING, {"messages": [{"role": "system", "content": "S"}, user("u"), bot("a")]}):
         record = records([row], "messages")[0]
         trained = "".join(s.text for s in templates.render_named(template, record["messages"], tok, record.get("tools")))
-        served = tok.apply_chat_template([templates._hf_message(m) for m in record["messages"]], tools=record.get("tools"),
+        served = tok.apply_chat_template([templates.chat_message(m) for m in record["messages"]], tools=record.get("tools"),
                                          tokenize=False)
         assert served == trained
 

@@ -104,7 +104,7 @@ def _check_names(recipe: str | None, overrides: list[str]) -> None:
         raise unknown_name_error("recipe", recipe, recipe_names(), key="recipe")
     for item in overrides:
         key, _, value = item.partition("=")
-        if key in GROUPS and not is_recipe_file(value) and value not in group_choices(key):
+        if key in GROUPS and not is_config_file(value) and value not in group_choices(key):
             raise unknown_name_error(key, value, group_choices(key), key=key)
 
 
@@ -160,7 +160,7 @@ def _hydra_error(exc: Exception, recipe: str = "") -> FtuneError:
     hint = "Check the key's spelling with `ftune config show`; new keys are not allowed."
     if any("could not be converted" in line or "is not a valid" in line for line in lines):
         hint = "Give the key a value of its type; `ftune config show` prints every key with its current value."
-    if is_recipe_file(recipe):
+    if is_config_file(recipe):
         lines = [line.replace(f"In 'recipes/{Path(recipe).stem}'", f"In {recipe}") for line in lines]
         hint = f"Fix the key in {recipe}; `ftune config show` lists every key and its type."
     elif any(line.startswith("In 'recipes/") for line in lines):
@@ -169,8 +169,9 @@ def _hydra_error(exc: Exception, recipe: str = "") -> FtuneError:
     return FtuneError(f"config error: {lines[0]}", lines[1:6], hint)
 
 
-def is_recipe_file(recipe: str) -> bool:
-    return recipe.endswith((".yaml", ".yml"))
+def is_config_file(value: str) -> bool:
+    """A recipe or group value naming a YAML file of the user's rather than a shipped name."""
+    return value.endswith((".yaml", ".yml"))
 
 
 def _user_recipe(path_text: str, folder: Path) -> str:
@@ -195,14 +196,14 @@ def compose(overrides: list[str] | None = None) -> Composed:
     _store_schemas()
     with tempfile.TemporaryDirectory(prefix="ftune-recipe-") as extra:
         name, search = recipe, [resources.data_root()]
-        if is_recipe_file(recipe):
+        if is_config_file(recipe):
             name = _user_recipe(recipe, Path(extra))
             search.append(Path(extra))
-        _check_names(name if not is_recipe_file(recipe) else None, rest)
+        _check_names(name if not is_config_file(recipe) else None, rest)
         hydra_rest = []
         for item in rest:
             key, _, value = item.partition("=")
-            if key in GROUPS and is_recipe_file(value):
+            if key in GROUPS and is_config_file(value):
                 item = f"{key}={_user_group_file(key, value, Path(extra))}"
                 if Path(extra) not in search:
                     search.append(Path(extra))

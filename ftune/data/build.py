@@ -29,6 +29,7 @@ from ftune.data.tokenize import IGNORE, CorpusStats, TokenStats, tokenize_all, t
 from ftune.errors import FtuneError
 
 CACHE_VERSION = "4"  # bump when tokenisation output changes for the same inputs
+UNCUT = 2**62  # tokenize_all's max_len when the caller cuts samples itself (from the left)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def tokenize_pairs(records: list[dict], template: Any, cfg: DatasetConfig, token
     for side in ("chosen", "rejected"):
         convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r[side]}]} for r in records]
         segs = [templates.render(c, template, tokenizer, opts) for c in convs]
-        sides[side], _ = tokenize_all(segs, tokenizer, 2**62, "last", drop_empty=False)
+        sides[side], _ = tokenize_all(segs, tokenizer, UNCUT, "last", drop_empty=False)
     stats, pairs = TokenStats(), []
     for c, r in zip(sides["chosen"], sides["rejected"]):
         kept = _keep_answers([c, r], cfg.max_seq_len) if c is not None and r is not None else None
@@ -180,7 +181,7 @@ def tokenize_feedback(records: list[dict], template: Any, cfg: DatasetConfig, to
     convs = [{"messages": [*r["messages"], {"role": "assistant", "content": r["completion"]}]} for r in records]
     opts = RenderOptions.of(cfg)
     samples, _ = tokenize_all([templates.render(c, template, tokenizer, opts) for c in convs], tokenizer,
-                              2**62, "last", drop_empty=False)
+                              UNCUT, "last", drop_empty=False)
     kept, stats = [], TokenStats()
     for sample, record in zip(samples, records):
         cut = _keep_answers([sample], cfg.max_seq_len) if sample is not None else None
@@ -193,13 +194,10 @@ def tokenize_feedback(records: list[dict], template: Any, cfg: DatasetConfig, to
         stats.trained_tokens += sum(x != IGNORE for x in cut[0]["labels"][1:])
         kept.append((cut[0], record["label"]))
 
-    def split(sample: dict) -> int:  # where the answer's labelled tokens start
-        return next(i for i, label in enumerate(sample["labels"]) if i > 0 and label != -100)
-
     out = []
     for i, (sample, label) in enumerate(kept):
         other = kept[(i + 1) % len(kept)][0]
-        p, a = split(sample), split(other)
+        p, a = _answer_start(sample), _answer_start(other)
         kl_ids = sample["input_ids"][:p] + other["input_ids"][a:]
         kl_labels = [-100] * p + other["labels"][a:]
         out.append({**sample, "label": bool(label), "kl": {"input_ids": kl_ids[:cfg.max_seq_len + 64],
@@ -220,11 +218,10 @@ def tokenize_prompts(records: list[dict], template: Any, cfg: DatasetConfig, tok
                      ) -> tuple[list[dict], TokenStats]:
     """PPO prompts: the rendered prompt up to the assistant's turn, its messages and reference.
     A prompt longer than max_seq_len is dropped (counted): cutting it would change the question."""
-    stats, out = TokenStats(), []
+    stats, out, opts = TokenStats(), [], RenderOptions.of(cfg)
     for record in records:
         messages, reference = prompt_of(record)
-        ids = tokenizer(templates.render_prompt(messages, template, tokenizer, RenderOptions.of(cfg)),
-                        add_special_tokens=False)["input_ids"]
+        ids = tokenizer(templates.render_prompt(messages, template, tokenizer, opts), add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_seq_len:
             stats.truncated += 1
             continue
@@ -333,7 +330,7 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
     if cfg.packing:
         splits = {name: pack_stream(samples, cfg.max_seq_len) for name, samples in splits.items()}
     prompts = [prompt_of(r)[0] for r in eval_records[:4] if "messages" in r]
-    notes = data_notes(train_records, cfg, tokenizer)
+    said = data_notes(train_records, cfg, tokenizer)
 
     def meta(counts: dict[str, int]) -> dict:
         if not train_stats["samples"]:
@@ -341,7 +338,7 @@ def build(cfg: DatasetConfig, stage: str, seed: int, tokenizer: Any, use_cache: 
                              [f"{train_stats['dropped_no_target']} samples had no assistant tokens within "
                               f"max_seq_len={cfg.max_seq_len}"],
                              "Raise dataset.max_seq_len or check the template and train_on setting.")
-        stats = {"train": train_stats, "eval": eval_stats, "cache": str(folder), "bad_rows": bad.summary(), "notes": notes}
+        stats = {"train": train_stats, "eval": eval_stats, "cache": str(folder), "bad_rows": bad.summary(), "notes": said}
         if cfg.packing:
             stats["packed_rows"] = counts
         return {"stats": stats, "eval_prompts": prompts}

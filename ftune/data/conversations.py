@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ftune.config.registry import register_schema
@@ -28,7 +29,6 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     "tool": ("tool", "observation", "function", "ipython"),
     "tool_call": ("function_call",),  # a turn holding a call as JSON (LLaMA-Factory); becomes an assistant turn
 }
-SHAREGPT_ROLES = {v: k for k, vals in DEFAULT_ROLES.items() for v in vals}
 # The keys a turn's parts are read from, by layout (the first present wins); `message_keys` replaces them.
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "role": ("role", "from"), "content": ("content", "value"),
@@ -59,8 +59,9 @@ class Layout:
         keys = DEFAULT_KEYS[part]
         return (first, *[k for k in keys if k != first]) if first else keys
 
+    @cached_property
     def role_table(self) -> dict[str, str]:
-        """The file's role value (lower case) -> canonical role."""
+        """The file's role value (lower case) -> canonical role (built once per source)."""
         table = {v: k for k, vals in DEFAULT_ROLES.items() for v in vals}
         for role, values in self.roles.items():
             for value in [values] if isinstance(values, str) else values:
@@ -204,5 +205,5 @@ def read_turns(turns: Any, column: str, layout: Layout = PLAIN, first: tuple[str
     turns = json_value(turns, f"column '{column}'")
     if not isinstance(turns, list) or not turns:
         raise RowError(f"column '{column}' must be a non-empty list of turns (got {kind_of(turns)})")
-    table = layout.role_table()
+    table = layout.role_table
     return [_turn(t, f"{column}[{i}]", layout, first, table) for i, t in enumerate(turns)]

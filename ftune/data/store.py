@@ -129,7 +129,3 @@ def load(folder: Path, names: Iterable[str]) -> tuple[dict[str, Rows], dict]:
 
 def is_complete(folder: Path, names: Iterable[str]) -> bool:
     return (folder / "meta.json").is_file() and all((folder / f"{n}.arrow").is_file() for n in names)
-
-
-def size_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())

@@ -183,7 +183,7 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], **kwargs: Any) -> 
                               "(dataset.template=chatml).") from None
 
 
-def _hf_message(message: dict) -> dict:
+def chat_message(message: dict) -> dict:
     """A canonical message in the shape chat templates read (reasoning as reasoning_content)."""
     out = {"role": message["role"], "content": message["content"]}
     if message.get("tool_calls"):
@@ -195,10 +195,21 @@ def _hf_message(message: dict) -> dict:
     return out
 
 
+_DEFAULT_SYSTEM: dict[tuple[int, str, str], tuple[str, str]] = {}
+
+
 def default_system_block(tokenizer: Any) -> tuple[str, str]:
     """(the block the tokenizer's chat template inserts when a conversation has no system message,
-    the default prompt in it); ("", "") when it inserts none. Found by rendering one user turn with
-    and without a system prompt: the system block ends with the end-of-turn (EOS) token."""
+    the default prompt in it); ("", "") when it inserts none. Found once per tokenizer and template
+    (every row of a dataset asks) by rendering one user turn with and without a system prompt: the
+    system block ends with the end-of-turn (EOS) token."""
+    key = (id(tokenizer), str(tokenizer.chat_template), str(tokenizer.eos_token))
+    if key not in _DEFAULT_SYSTEM:
+        _DEFAULT_SYSTEM[key] = _find_default_system(tokenizer)
+    return _DEFAULT_SYSTEM[key]
+
+
+def _find_default_system(tokenizer: Any) -> tuple[str, str]:
     probe, marker = "\x02probe\x02", "\x03system\x03"
     plain = apply_chat_template(tokenizer, [{"role": "user", "content": probe}], tokenize=False)
     with_system = apply_chat_template(tokenizer, [{"role": "system", "content": marker},
@@ -260,7 +271,7 @@ def render_model(messages: list[dict], tokenizer: Any, tools: list[dict] | None 
     if not getattr(tokenizer, "chat_template", None):
         raise FtuneError("dataset.template=model, but the tokenizer has no chat template",
                          hint="Pick a named template, e.g. dataset.template=chatml.")
-    hf = [_hf_message(m) for m in messages]
+    hf = [chat_message(m) for m in messages]
     extra = {"tools": tools} if tools else {}
     try:
         segments = _growing_prefix(hf, messages, tokenizer, extra)
@@ -359,7 +370,7 @@ def render_prompt(messages: list[dict], template: Template | None, tokenizer: An
                   opts: RenderOptions = RenderOptions(), tools: list[dict] | None = None) -> str:
     """The text a model continues to answer `messages` (which end with a user turn)."""
     if template is None:
-        text = apply_chat_template(tokenizer, [_hf_message(m) for m in messages], tokenize=False,
+        text = apply_chat_template(tokenizer, [chat_message(m) for m in messages], tokenize=False,
                                    add_generation_prompt=True, **({"tools": tools} if tools else {}))
         if opts.no_default_system and not (messages and messages[0]["role"] == "system"):
             segments = [Segment(text, False)]

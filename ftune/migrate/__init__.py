@@ -42,6 +42,42 @@ class Migration:
     def skip(self, key: str, why: str) -> None:
         self.not_carried.append((key, why))
 
+    # Steps both importers take (each tool names the keys differently).
+    def model(self, path: str, trust_remote_code: bool) -> None:
+        self.groups["model"] = "smollm2-135m"  # the group's file is replaced whole by the keys below
+        self.set("model", "name", Path(path).name.lower())
+        self.set("model", "path", path)
+        if trust_remote_code:
+            self.set("model", "trust_remote_code", True)
+
+    def eval_fraction(self, key: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and 0 <= value < 1:
+            self.set("dataset", "eval_fraction", float(value))
+        else:
+            self.skip(key, f"{value}: ftune holds out a fraction of the rows (dataset.eval_fraction)")
+
+    def scheduler(self, key: str, value: Any, names: dict[str, str]) -> None:
+        """The tool's scheduler name through `names` (its name -> ftune's)."""
+        self.set("train", "lr_scheduler", names.get(str(value)))
+        if str(value) not in names:
+            self.skip(key, f"'{value}' is not one of cosine, linear, constant")
+
+    def output_dir(self, value: Any) -> None:
+        """The tool's run folder: ftune's output_dir is its parent, run_name its name."""
+        out = Path(str(value))
+        self.set("train", "output_dir", str(out.parent))
+        self.set("train", "run_name", out.name)
+
+    def leftovers(self, cfg: dict, ignored: dict[str, str]) -> None:
+        """Every key not yet consumed: `ignored` says why ftune needs it not (a reason starting with
+        "carried" means it was read elsewhere); the rest have no equivalent."""
+        for key, why in ignored.items():
+            if key in cfg and not why.startswith("carried"):
+                self.skip(key, why)
+            cfg.pop(key, None)
+        for key in sorted(cfg):
+            self.skip(key, "no ftune equivalent")
+
     def recipe(self) -> dict[str, Any]:
         defaults = [{f"override /{g}": self.groups[g]} for g in ("model", "method", "dataset", "stage", "hardware")
                     if g in self.groups] + ["_self_"]

@@ -161,12 +161,7 @@ def _source(i: int, ds: dict, base: Path, rl: str | None, m: Migration) -> dict[
 def _model(cfg: dict, m: Migration, path: Path) -> None:
     if "base_model" not in cfg:
         raise FtuneError(f"{path}: no base_model", hint="Is this an axolotl config?")
-    model = str(cfg.pop("base_model"))
-    m.groups["model"] = "smollm2-135m"
-    m.set("model", "name", Path(model).name.lower())
-    m.set("model", "path", model)
-    if cfg.pop("trust_remote_code", False):
-        m.set("model", "trust_remote_code", True)
+    m.model(str(cfg.pop("base_model")), bool(cfg.pop("trust_remote_code", False)))
     if cfg.pop("flash_attention", False):
         m.set("model", "attn_implementation", "flash_attention_2")
     if cfg.pop("sdp_attention", False):
@@ -213,11 +208,7 @@ def _data(cfg: dict, m: Migration, base: Path, rl: str | None) -> None:
     if cfg.pop("train_on_inputs", False):
         m.set("dataset", "train_on", "all")
     if "val_set_size" in cfg:
-        val = cfg.pop("val_set_size")
-        if isinstance(val, (int, float)) and 0 <= val < 1:
-            m.set("dataset", "eval_fraction", float(val))
-        else:
-            m.skip("val_set_size", f"{val}: ftune holds out a fraction of the rows (dataset.eval_fraction)")
+        m.eval_fraction("val_set_size", cfg.pop("val_set_size"))
 
 
 def _train(cfg: dict, m: Migration) -> None:
@@ -230,16 +221,11 @@ def _train(cfg: dict, m: Migration) -> None:
         if opt not in OPTIMIZERS:
             m.skip("optimizer", f"'{opt}' is not one of {', '.join(sorted(set(OPTIMIZERS.values())))}")
     if "lr_scheduler" in cfg:
-        sched = str(cfg.pop("lr_scheduler"))
-        m.set("train", "lr_scheduler", sched if sched in ("cosine", "linear", "constant") else None)
-        if sched not in ("cosine", "linear", "constant"):
-            m.skip("lr_scheduler", f"'{sched}' is not one of cosine, linear, constant")
+        m.scheduler("lr_scheduler", cfg.pop("lr_scheduler"), {n: n for n in ("cosine", "linear", "constant")})
     if "gradient_checkpointing" in cfg:
         m.set("train", "gradient_checkpointing", "true" if cfg.pop("gradient_checkpointing") else "false")
     if "output_dir" in cfg:
-        out = Path(str(cfg.pop("output_dir")))
-        m.set("train", "output_dir", str(out.parent))
-        m.set("train", "run_name", out.name)
+        m.output_dir(cfg.pop("output_dir"))
 
 
 def _hardware(cfg: dict, m: Migration, path: Path) -> None:
@@ -267,10 +253,5 @@ def convert(path: Path) -> Migration:
     _data(cfg, m, path.parent, rl)
     _train(cfg, m)
     _hardware(cfg, m, path)
-    for key, why in IGNORED.items():
-        if key in cfg and why != "carried":
-            m.skip(key, why)
-        cfg.pop(key, None)
-    for key in sorted(cfg):
-        m.skip(key, "no ftune equivalent")
+    m.leftovers(cfg, IGNORED)
     return m

@@ -161,12 +161,7 @@ def _dataset(cfg: dict, info: dict | None, base: Path, stage: str, m: Migration)
 def _model(cfg: dict, m: Migration, path: Path) -> None:
     if "model_name_or_path" not in cfg:
         raise FtuneError(f"{path}: no model_name_or_path", hint="Is this a LLaMA-Factory training config?")
-    model = str(cfg.pop("model_name_or_path"))
-    m.groups["model"] = "smollm2-135m"  # replaced whole by the keys below
-    m.set("model", "name", Path(model).name.lower())
-    m.set("model", "path", model)
-    if cfg.get("trust_remote_code"):
-        m.set("model", "trust_remote_code", True)
+    m.model(str(cfg.pop("model_name_or_path")), bool(cfg.get("trust_remote_code")))
     if cfg.get("flash_attn") in ("fa2", "sdpa", "eager"):
         m.set("model", "attn_implementation", {"fa2": "flash_attention_2"}.get(cfg["flash_attn"], cfg["flash_attn"]))
 
@@ -207,11 +202,7 @@ def _rendering(cfg: dict, m: Migration) -> None:
     if cfg.pop("mask_history", False):
         m.set("dataset", "train_on", "last")
     if "val_size" in cfg:
-        val = cfg.pop("val_size")
-        if isinstance(val, float) and val < 1:
-            m.set("dataset", "eval_fraction", val)
-        else:
-            m.skip("val_size", f"{val}: ftune holds out a fraction of the rows (dataset.eval_fraction)")
+        m.eval_fraction("val_size", cfg.pop("val_size"))
 
 
 def _train(cfg: dict, m: Migration) -> None:
@@ -223,14 +214,9 @@ def _train(cfg: dict, m: Migration) -> None:
         if src in cfg:
             m.set("train", dst, cfg.pop(src))
     if "lr_scheduler_type" in cfg:
-        sched = str(cfg.pop("lr_scheduler_type"))
-        m.set("train", "lr_scheduler", SCHEDULERS.get(sched))
-        if sched not in SCHEDULERS:
-            m.skip("lr_scheduler_type", f"'{sched}' is not one of cosine, linear, constant")
+        m.scheduler("lr_scheduler_type", cfg.pop("lr_scheduler_type"), SCHEDULERS)
     if "output_dir" in cfg:
-        out = Path(str(cfg.pop("output_dir")))
-        m.set("train", "output_dir", str(out.parent))
-        m.set("train", "run_name", out.name)
+        m.output_dir(cfg.pop("output_dir"))
     if cfg.pop("disable_gradient_checkpointing", None):
         m.set("train", "gradient_checkpointing", "false")
 
@@ -260,10 +246,5 @@ def convert(path: Path, dataset_info: Path | None = None) -> Migration:
     _rendering(cfg, m)
     _train(cfg, m)
     _hardware(cfg, m, path)
-    for key, why in IGNORED.items():
-        if key in cfg and not why.startswith("carried"):
-            m.skip(key, why)
-        cfg.pop(key, None)
-    for key in sorted(cfg):
-        m.skip(key, "no ftune equivalent")
+    m.leftovers(cfg, IGNORED)
     return m
